@@ -1,0 +1,324 @@
+"""Builds a running VM from a MachineConfig, in a fixed order, and runs it to its end.
+
+Order: /dev/kvm -> VM -> KVM private areas -> in-kernel irqchip + PIT -> guest RAM ->
+devices on the buses -> kernel (+ initrd, zero page) -> boot tables -> vCPUs.
+Data flows one way: cli -> machine -> {kvm, memory, loader, devices} -> native.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from vmm import kvm as kvmlib
+from vmm.arch.x86_64 import cpu, cpuid, layout
+from vmm.bus import Bus
+from vmm.devices.cmos import Cmos
+from vmm.devices.debugexit import DebugExit
+from vmm.devices.i8042 import I8042
+from vmm.devices.serial8250 import Serial8250
+from vmm.devices.testdev import TestDevice
+from vmm.kvm import exits as X
+from vmm.kvm import ioctls as K
+from vmm.memory import GuestMemory
+from vmm.vcpu import VcpuLoop, default_loop, install_kick_handler, native
+
+log = logging.getLogger("vmm.machine")
+
+
+class ExitReason(enum.Enum):
+    POWEROFF = "poweroff"
+    REBOOT = "reboot"
+    DEBUG_EXIT = "debug-exit"
+    PANIC = "panic"
+    TRIPLE_FAULT = "triple-fault"
+    EMULATION_FAILURE = "emulation-failure"
+    STOPPED = "stopped"
+    ERROR = "error"
+
+
+#: pyvmm's exit status for each way a VM can end (documented in the README).
+#: A debug-exit ends with the byte the guest wrote instead.
+EXIT_STATUS = {
+    ExitReason.POWEROFF: 0,
+    ExitReason.REBOOT: 0,
+    ExitReason.ERROR: 1,
+    ExitReason.PANIC: 3,
+    ExitReason.TRIPLE_FAULT: 4,
+    ExitReason.EMULATION_FAILURE: 5,
+    ExitReason.STOPPED: 130,
+}
+
+
+@dataclass
+class VmExit:
+    reason: ExitReason
+    status: int
+    detail: str = ""
+
+
+@dataclass
+class MachineConfig:
+    kernel: Path
+    mem_size: int = 256 << 20
+    cpus: int = 1
+    #: "raw": a bare-metal ELF started in long mode with no boot protocol.
+    kind: str = "raw"
+    loop: str = field(default_factory=default_loop)
+    #: Where guest serial output goes (called from the console thread).
+    console: Callable[[bytes], None] = lambda data: None
+
+
+class Machine:
+    """A VM built from ``config``; use as a context manager, then :meth:`run`."""
+
+    def __init__(self, config: MachineConfig):
+        self.config = config
+        self.stopping = False
+        self.result: VmExit | None = None
+        self._result_lock = threading.Lock()
+        self._closers: list[Callable[[], None]] = []
+        self.loops: list[VcpuLoop] = []
+        self.shim_serial = None
+        self.times: dict[str, float] = {"start": time.monotonic()}
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- construction --------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg = self.config
+        self.kvm = kvmlib.Kvm()
+        self._closers.append(self.kvm.close)
+        self.vm = self.kvm.create_vm()
+        self._closers.append(self.vm.close)
+        self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+        self.vm.set_tss_addr(layout.KVM_TSS_ADDR)
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+
+        self.mem = GuestMemory(cfg.mem_size)
+        self._closers.append(self.mem.close)
+        self._mem_cdata = None
+        host_base = self._host_address(self.mem.host_buffer)
+        for r in self.mem.regions:
+            self.vm.set_user_memory_region(r.guest_addr, r.size, host_base + r.host_offset)
+
+        self.pio = Bus("pio")
+        self.mmio = Bus("mmio")
+        self._build_devices()
+        self._load()
+        self._build_vcpus()
+
+    def _host_address(self, buf) -> int:
+        shim = native()
+        self._mem_cdata = shim.ffi.from_buffer(buf)
+        return int(shim.ffi.cast("uintptr_t", self._mem_cdata))
+
+    def _irq(self, gsi: int) -> Callable[[], None]:
+        """An edge on ``gsi``: through an irqfd when KVM has them, else KVM_IRQ_LINE."""
+        if self.kvm.check_extension(K.KVM_CAP_IRQFD):
+            efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._closers.append(lambda: os.close(efd))
+            self.vm.register_irqfd(efd, gsi)
+            return lambda: os.eventfd_write(efd, 1)
+        return lambda: self.vm.pulse_irq(gsi)
+
+    def _build_devices(self) -> None:
+        cfg = self.config
+        # Serial output: in shim mode every byte (from C or from Python) goes through the
+        # shim's ordered transmit buffer, drained by the console thread; in Python mode
+        # the vCPU thread hands bytes straight to the console.
+        if cfg.loop == "shim":
+            shim = native()
+            self._tx_event = os.eventfd(0, os.EFD_CLOEXEC)
+            self._closers.append(lambda: os.close(self._tx_event))
+            self._txbuf = shim.ffi.gc(shim.lib.shim_tx_new(1 << 16, self._tx_event),
+                                      shim.lib.shim_tx_free)
+            self.shim_serial = shim.ffi.new("struct shim_serial *")
+            self.shim_serial.base = layout.COM1_PORT
+            self.shim_serial.tx = self._txbuf
+            push, ffi = shim.lib.shim_tx_push, shim.ffi
+            serial_out = lambda data: push(self._txbuf, ffi.from_buffer(data), len(data))  # noqa: E731
+        else:
+            serial_out = cfg.console
+        self.serial = Serial8250(self._irq(layout.COM1_IRQ), serial_out)
+        if self.shim_serial is not None:
+            self.serial.on_state_change = self._sync_serial_fast_path
+            self._sync_serial_fast_path()
+        self.pio.insert(layout.COM1_PORT, 8, self.serial, "com1")
+        self.pio.insert(layout.I8042_DATA_PORT, 5, I8042(self._guest_reset), "i8042")
+        self.pio.insert(layout.CMOS_INDEX_PORT, 2, Cmos(), "cmos")
+        self.pio.insert(layout.DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit), "debug-exit")
+        if cfg.kind == "raw":
+            self.testdev = TestDevice()
+            self.mmio.insert(layout.TEST_MMIO_START, layout.TEST_MMIO_SIZE, self.testdev, "testdev")
+
+    def _sync_serial_fast_path(self) -> None:
+        tx_fast, lsr = self.serial.fast_path_state()
+        self.shim_serial.tx_fast = int(tx_fast)
+        self.shim_serial.lsr = lsr
+
+    def _load(self) -> None:
+        from vmm.loader import load_kernel
+        self.kernel = load_kernel(self.mem, self.config.kernel)
+        cpu.write_boot_tables(self.mem)
+
+    def _build_vcpus(self) -> None:
+        cfg = self.config
+        install_kick_handler()
+        supported = self.kvm.supported_cpuid()
+        for i in range(cfg.cpus):
+            vcpu = self.vm.create_vcpu(i)
+            self._closers.append(vcpu.close)
+            vcpu.set_cpuid(cpuid.vcpu_cpuid(supported, i, cfg.cpus))
+            cpu.setup_msrs(vcpu)
+            cpu.setup_lapic(vcpu)
+            if i == 0:
+                cpu.setup_long_mode(vcpu, self.kernel.entry, boot_params=self.boot_params_addr)
+            self.loops.append(VcpuLoop(self, vcpu, cfg.loop))
+
+    @property
+    def boot_params_addr(self) -> int:
+        return layout.ZERO_PAGE_START if self.config.kind == "linux" else 0
+
+    # -- exits -----------------------------------------------------------------------------
+    def handle_exit(self, vcpu, ex) -> None:
+        """Called on a vCPU thread for every exit that reaches Python."""
+        self._handlers[type(ex)](self, vcpu, ex)
+
+    def _io_out(self, vcpu, ex: X.IoOut) -> None:
+        size, data = ex.size, ex.data
+        for i in range(0, size * ex.count, size):     # string I/O: count items
+            self.pio.write(ex.port, size, int.from_bytes(data[i:i + size], "little"))
+
+    def _io_in(self, vcpu, ex: X.IoIn) -> None:
+        size, read = ex.size, self.pio.read
+        data = b"".join(read(ex.port, size).to_bytes(size, "little") for _ in range(ex.count))
+        X.complete_io_in(vcpu.run_page, ex, data)
+
+    def _mmio_write(self, vcpu, ex: X.MmioWrite) -> None:
+        self.mmio.write(ex.addr, ex.size, ex.value)
+
+    def _mmio_read(self, vcpu, ex: X.MmioRead) -> None:
+        X.complete_mmio_read(vcpu.run_page, self.mmio.read(ex.addr, ex.size), ex.size)
+
+    def _shutdown(self, vcpu, ex) -> None:
+        self.request_exit(ExitReason.TRIPLE_FAULT, detail=f"vCPU {vcpu.index}: triple fault")
+
+    def _system_event(self, vcpu, ex: X.SystemEvent) -> None:
+        if ex.type == K.KVM_SYSTEM_EVENT_RESET:
+            self._guest_reset()
+        elif ex.type == K.KVM_SYSTEM_EVENT_CRASH:
+            self.request_exit(ExitReason.PANIC, detail="guest crash event")
+        else:
+            self.request_exit(ExitReason.POWEROFF)
+
+    def _internal_error(self, vcpu, ex: X.InternalError) -> None:
+        regs = vcpu.get_regs()
+        insn = ex.insn.hex(" ") if ex.insn else "unknown"
+        self.request_exit(ExitReason.EMULATION_FAILURE,
+                          detail=f"vCPU {vcpu.index}: KVM could not emulate the instruction at "
+                                 f"RIP {regs.rip:#x} (bytes: {insn}; suberror {ex.suberror})")
+
+    def _unexpected(self, vcpu, ex) -> None:
+        self.request_exit(ExitReason.ERROR, detail=f"vCPU {vcpu.index}: unexpected exit {ex}")
+
+    _handlers = {
+        X.IoOut: _io_out, X.IoIn: _io_in, X.MmioWrite: _mmio_write, X.MmioRead: _mmio_read,
+        X.Shutdown: _shutdown, X.SystemEvent: _system_event, X.InternalError: _internal_error,
+        X.Hlt: _unexpected, X.FailEntry: _unexpected, X.Unknown: _unexpected,
+        X.Interrupted: lambda self, vcpu, ex: None,
+    }
+
+    # -- device callbacks --------------------------------------------------------------------
+    def _debug_exit(self, value: int) -> None:
+        self.request_exit(ExitReason.DEBUG_EXIT, status=value)
+
+    def _guest_reset(self) -> None:
+        self.request_exit(ExitReason.REBOOT)
+
+    # -- running and stopping -------------------------------------------------------------
+    def request_exit(self, reason: ExitReason, *, status: int | None = None, detail: str = "") -> None:
+        """End the VM (first caller wins) and stop every vCPU."""
+        with self._result_lock:
+            if self.result is None:
+                self.result = VmExit(reason, EXIT_STATUS[reason] if status is None else status, detail)
+                self.times["exit"] = time.monotonic()
+            self.stopping = True
+        for loop in self.loops:
+            if loop.thread is not threading.current_thread():
+                loop.kick()
+
+    def fail(self, error: BaseException) -> None:
+        self.request_exit(ExitReason.ERROR, detail=str(error) or type(error).__name__)
+
+    def stop(self) -> None:
+        """Stop the VM from another thread (Ctrl-A x, SIGTERM, a timeout)."""
+        self.request_exit(ExitReason.STOPPED, detail="stopped by request")
+
+    def run(self, timeout: float | None = None) -> VmExit:
+        """Run every vCPU until the VM ends (or ``timeout`` seconds pass: STOPPED)."""
+        console = None
+        if self.config.loop == "shim":
+            console = threading.Thread(target=self._console_thread, name="console", daemon=True)
+            console.start()
+        self.times["run"] = time.monotonic()
+        for loop in self.loops:
+            loop.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            for loop in self.loops:
+                while loop.thread.is_alive():
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        self.request_exit(ExitReason.STOPPED, detail=f"timed out after {timeout} s")
+                        deadline = None
+                        continue
+                    loop.thread.join(0.2 if left is None else min(left, 0.2))
+        finally:
+            self.stop()
+            for loop in self.loops:
+                loop.thread.join()
+            if console is not None:
+                native().lib.shim_tx_close(self._txbuf)
+                os.eventfd_write(self._tx_event, 1)
+                console.join()
+        return self.result
+
+    def _console_thread(self) -> None:
+        """Moves guest serial output from the shim's buffer to the console, in order."""
+        shim = native()
+        buf = shim.ffi.new("uint8_t[]", 1 << 16)
+        take, out = shim.lib.shim_tx_take, self.config.console
+        while True:
+            os.eventfd_read(self._tx_event)
+            while n := take(self._txbuf, buf, 1 << 16):
+                out(bytes(shim.ffi.buffer(buf, n)))
+            if self.stopping and all(not l.thread.is_alive() for l in self.loops):
+                while n := take(self._txbuf, buf, 1 << 16):
+                    out(bytes(shim.ffi.buffer(buf, n)))
+                return
+
+    # -- teardown ----------------------------------------------------------------------------
+    def close(self) -> None:
+        for closer in reversed(self._closers):
+            try:
+                closer()
+            except Exception:  # noqa: BLE001 - best effort during teardown
+                log.debug("teardown step failed", exc_info=True)
+        self._closers.clear()
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

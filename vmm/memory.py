@@ -1,0 +1,149 @@
+"""Guest RAM: sizes, regions and bounds-checked access by guest physical address.
+
+Guest memory is one anonymous host mapping. Below 4 GiB it is mapped from guest
+physical address 0 up to the MMIO gap (layout.MMIO_GAP_START); anything beyond that
+continues at 4 GiB, the way PC firmware lays RAM around the PCI hole.
+"""
+
+from __future__ import annotations
+
+import mmap
+import re
+from dataclasses import dataclass
+
+from vmm.arch.x86_64 import layout
+
+
+class GuestMemoryError(Exception):
+    """A guest physical access outside RAM, or an unusable memory size."""
+
+
+#: Smallest and largest guest RAM pyvmm accepts.
+MIN_MEM_SIZE = 2 * layout.MiB
+MAX_MEM_SIZE = 1 << 40  # 1 TiB: far above anything a host mmap would grant
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": layout.MiB, "K": layout.KiB, "M": layout.MiB, "G": layout.GiB, "T": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a memory size: ``512M``, ``1G``, ``2048K``, or a bare number of MiB.
+
+    Args:
+        text: the size as written by a user, or an int (already bytes).
+    Returns:
+        The size in bytes.
+    Raises:
+        GuestMemoryError: the text is not a size, or is zero.
+    """
+    if isinstance(text, int):
+        size = text
+    else:
+        m = _SIZE_RE.match(text)
+        if not m:
+            raise GuestMemoryError(f"invalid memory size {text!r} (use e.g. 512M, 1G or 256)")
+        size = int(m.group(1)) * _UNITS[m.group(2).upper()]
+    if size <= 0:
+        raise GuestMemoryError(f"memory size must be positive, got {text!r}")
+    return size
+
+
+@dataclass(frozen=True)
+class Region:
+    """One contiguous range of guest RAM, backed at ``host_offset`` in the mapping."""
+
+    guest_addr: int
+    size: int
+    host_offset: int
+
+    @property
+    def end(self) -> int:
+        return self.guest_addr + self.size
+
+
+def ram_regions(size: int) -> list[Region]:
+    """Split ``size`` bytes of RAM around the MMIO gap below 4 GiB."""
+    low = min(size, layout.MMIO_GAP_START)
+    regions = [Region(0, low, 0)]
+    if size > low:
+        regions.append(Region(layout.MMIO_GAP_END, size - low, low))
+    return regions
+
+
+class GuestMemory:
+    """Guest RAM backed by one anonymous mapping.
+
+    Args:
+        size: bytes of RAM (see :func:`parse_size`); rounded up to 2 MiB.
+    Raises:
+        GuestMemoryError: the size is out of range or the host refuses the mapping.
+    """
+
+    def __init__(self, size: int):
+        size = (size + 2 * layout.MiB - 1) & ~(2 * layout.MiB - 1)
+        if size < MIN_MEM_SIZE or size > MAX_MEM_SIZE:
+            raise GuestMemoryError(
+                f"memory size {size >> 20} MiB is out of range "
+                f"({MIN_MEM_SIZE >> 20} MiB to {MAX_MEM_SIZE >> 30} GiB)")
+        try:
+            self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                                  | getattr(mmap, "MAP_NORESERVE", 0))
+        except (OSError, OverflowError) as e:
+            raise GuestMemoryError(f"cannot allocate {size >> 20} MiB of guest memory: {e}") from None
+        try:
+            self._map.madvise(mmap.MADV_MERGEABLE)
+        except (AttributeError, OSError):
+            pass
+        self.size = size
+        self.regions = ram_regions(size)
+        self._view = memoryview(self._map)
+
+    # -- lifetime ------------------------------------------------------------------
+    def close(self) -> None:
+        if self._map is not None:
+            self._view.release()
+            self._map.close()
+            self._map = None
+
+    def __enter__(self) -> "GuestMemory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def host_buffer(self) -> mmap.mmap:
+        """The whole mapping (for registering with KVM and for the C shim)."""
+        return self._map
+
+    # -- address translation ----------------------------------------------------------
+    def _offset(self, gpa: int, length: int) -> int:
+        """Host offset of ``[gpa, gpa+length)``; the range must lie in one region."""
+        if length < 0:
+            raise GuestMemoryError(f"negative length {length}")
+        for r in self.regions:
+            if r.guest_addr <= gpa and gpa + length <= r.end:
+                return r.host_offset + (gpa - r.guest_addr)
+        raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is outside RAM")
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        """Whether ``[gpa, gpa+length)`` lies entirely inside one RAM region."""
+        return length >= 0 and any(r.guest_addr <= gpa and gpa + length <= r.end
+                                   for r in self.regions)
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable zero-copy view of guest RAM (raises outside RAM)."""
+        off = self._offset(gpa, length)
+        return self._view[off:off + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def read_int(self, gpa: int, size: int) -> int:
+        return int.from_bytes(self.view(gpa, size), "little")
+
+    def write_int(self, gpa: int, size: int, value: int) -> None:
+        self.view(gpa, size)[:] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")

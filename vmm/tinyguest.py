@@ -1,0 +1,62 @@
+"""Builds the bare-metal test guests in guests/tiny/ from source with gcc and ld.
+
+Each guest is one assembly file (preprocessed by gcc, so ``defines`` work) linked at
+1 MiB into a static ELF. Results are cached by content hash under the pyvmm cache
+directory, so a test run rebuilds only what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE_DIR = Path(__file__).resolve().parent.parent / "guests" / "tiny"
+
+
+class TinyGuestError(Exception):
+    """A test guest could not be built (missing toolchain or a source error)."""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("PYVMM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pyvmm")
+    return Path(base)
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in SOURCE_DIR.glob("*.S"))
+
+
+def build(name: str, defines: dict[str, object] | None = None) -> Path:
+    """Build guests/tiny/<name>.S (cached) and return the ELF's path."""
+    src = SOURCE_DIR / f"{name}.S"
+    if not src.is_file():
+        raise TinyGuestError(f"no test guest named {name!r} (have: {', '.join(available())})")
+    flags = [f"-D{k}={v}" for k, v in sorted((defines or {}).items())]
+    h = hashlib.sha256()
+    for part in (src, SOURCE_DIR / "tiny.h", SOURCE_DIR / "link.ld"):
+        h.update(part.read_bytes())
+    h.update(" ".join(flags).encode())
+    out = cache_dir() / "tiny" / f"{name}-{h.hexdigest()[:16]}.elf"
+    if out.is_file():
+        return out
+    for tool in ("gcc", "ld"):
+        if shutil.which(tool) is None:
+            raise TinyGuestError(f"{tool} not found: install build-essential (scripts/setup-host.sh)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        obj, elf = Path(tmp) / "guest.o", Path(tmp) / "guest.elf"
+        try:
+            subprocess.run(["gcc", "-c", "-nostdlib", "-ffreestanding", f"-I{SOURCE_DIR}", *flags,
+                            "-o", str(obj), str(src)], check=True, capture_output=True, text=True)
+            subprocess.run(["ld", "-static", "-nostdlib", "-z", "max-page-size=4096",
+                            "-T", str(SOURCE_DIR / "link.ld"), "-o", str(elf), str(obj)],
+                           check=True, capture_output=True, text=True)
+        except subprocess.CalledProcessError as e:
+            raise TinyGuestError(f"building {src.name} failed: {e.stderr.strip()}") from None
+        os.replace(elf, out)
+    return out
