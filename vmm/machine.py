@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Callable
 
 from vmm import kvm as kvmlib
-from vmm.arch.x86_64 import cpu, cpuid, layout
+from vmm.arch.x86_64 import bootparams, cpu, cpuid, layout
 from vmm.bus import Bus
+from vmm.console import ConsoleWatcher
 from vmm.devices.cmos import Cmos
 from vmm.devices.debugexit import DebugExit
 from vmm.devices.i8042 import I8042
@@ -26,6 +27,7 @@ from vmm.devices.serial8250 import Serial8250
 from vmm.devices.testdev import TestDevice
 from vmm.kvm import exits as X
 from vmm.kvm import ioctls as K
+from vmm.loader import load_initrd, load_kernel
 from vmm.memory import GuestMemory
 from vmm.vcpu import VcpuLoop, default_loop, install_kick_handler, native
 
@@ -56,6 +58,11 @@ EXIT_STATUS = {
 }
 
 
+#: How long the console thread lets guest output accumulate between drains (latency
+#: bound for interactive output; see Machine._console_thread).
+CONSOLE_BATCH_S = 0.01
+
+
 @dataclass
 class VmExit:
     reason: ExitReason
@@ -64,15 +71,30 @@ class VmExit:
 
 
 @dataclass
+class HostQuirks:
+    """Instructions an emulation-only host refuses that the VMM completes itself."""
+    complete_int3: bool = False    # 0xCC in 64-bit mode: RIP += 1, inject #BP
+    complete_fwait: bool = False   # 0x9B: RIP += 1 (no x87 exception can be pending)
+
+
+@dataclass
 class MachineConfig:
     kernel: Path
     mem_size: int = 256 << 20
     cpus: int = 1
-    #: "raw": a bare-metal ELF started in long mode with no boot protocol.
+    #: "raw": a bare-metal ELF started in long mode with no boot protocol;
+    #: "linux": the Linux x86 boot protocol (zero page, command line, initrd).
     kind: str = "raw"
+    initrd: Path | None = None
+    cmdline: str = ""
+    #: Loader path for a bzImage: "auto", "elf" (decompress on the host) or "bzimage".
+    kernel_mode: str = "auto"
     loop: str = field(default_factory=default_loop)
     #: Where guest serial output goes (called from the console thread).
     console: Callable[[bytes], None] = lambda data: None
+    #: Console line prefixes to timestamp in Machine.times, {b"pyvmm: ready": "ready"}.
+    markers: dict[bytes, str] = field(default_factory=dict)
+    quirks: HostQuirks = field(default_factory=HostQuirks)
 
 
 class Machine:
@@ -86,6 +108,7 @@ class Machine:
         self._closers: list[Callable[[], None]] = []
         self.loops: list[VcpuLoop] = []
         self.shim_serial = None
+        self.quirk_counts = {"int3": 0, "fwait": 0}
         self.times: dict[str, float] = {"start": time.monotonic()}
         try:
             self._build()
@@ -108,7 +131,8 @@ class Machine:
         self.mem = GuestMemory(cfg.mem_size)
         self._closers.append(self.mem.close)
         self._mem_cdata = None
-        host_base = self._host_address(self.mem.host_buffer)
+        host_base = self.mem_host_address = self._host_address(self.mem.host_buffer)
+        self._closers.append(lambda: native().ffi.release(self._mem_cdata))
         for r in self.mem.regions:
             self.vm.set_user_memory_region(r.guest_addr, r.size, host_base + r.host_offset)
 
@@ -137,6 +161,8 @@ class Machine:
         # Serial output: in shim mode every byte (from C or from Python) goes through the
         # shim's ordered transmit buffer, drained by the console thread; in Python mode
         # the vCPU thread hands bytes straight to the console.
+        self.console = ConsoleWatcher([self._first_output, cfg.console], self._console_event,
+                                      cfg.markers)
         if cfg.loop == "shim":
             shim = native()
             self._tx_event = os.eventfd(0, os.EFD_CLOEXEC)
@@ -149,7 +175,7 @@ class Machine:
             push, ffi = shim.lib.shim_tx_push, shim.ffi
             serial_out = lambda data: push(self._txbuf, ffi.from_buffer(data), len(data))  # noqa: E731
         else:
-            serial_out = cfg.console
+            serial_out = self.console.write
         self.serial = Serial8250(self._irq(layout.COM1_IRQ), serial_out)
         if self.shim_serial is not None:
             self.serial.on_state_change = self._sync_serial_fast_path
@@ -168,8 +194,13 @@ class Machine:
         self.shim_serial.lsr = lsr
 
     def _load(self) -> None:
-        from vmm.loader import load_kernel
-        self.kernel = load_kernel(self.mem, self.config.kernel)
+        cfg = self.config
+        self.kernel = load_kernel(self.mem, cfg.kernel, mode=cfg.kernel_mode)
+        if cfg.kind == "linux":
+            initrd = load_initrd(self.mem, cfg.initrd, kernel=self.kernel) if cfg.initrd else None
+            bootparams.build_zero_page(self.mem, setup_header=self.kernel.setup_header,
+                                       cmdline=cfg.cmdline, initrd=initrd,
+                                       e820=bootparams.e820_map(self.mem))
         cpu.write_boot_tables(self.mem)
 
     def _build_vcpus(self) -> None:
@@ -184,7 +215,9 @@ class Machine:
             cpu.setup_lapic(vcpu)
             if i == 0:
                 cpu.setup_long_mode(vcpu, self.kernel.entry, boot_params=self.boot_params_addr)
-            self.loops.append(VcpuLoop(self, vcpu, cfg.loop))
+            loop = VcpuLoop(self, vcpu, cfg.loop)
+            self._closers.append(loop.close)
+            self.loops.append(loop)
 
     @property
     def boot_params_addr(self) -> int:
@@ -224,10 +257,32 @@ class Machine:
 
     def _internal_error(self, vcpu, ex: X.InternalError) -> None:
         regs = vcpu.get_regs()
+        quirks = self.config.quirks
+        if ex.insn[:1] == b"\xcc" and quirks.complete_int3:
+            # int3 is a trap: #BP is delivered with RIP after the instruction.
+            regs.rip += 1
+            vcpu.set_regs(regs)
+            events = vcpu.get_vcpu_events()
+            events.exception.injected, events.exception.nr = 1, 3
+            events.exception.has_error_code = 0
+            events.flags = 0
+            vcpu.set_vcpu_events(events)
+            self.quirk_counts["int3"] += 1
+            return
+        if ex.insn[:1] == b"\x9b" and quirks.complete_fwait:
+            regs.rip += 1
+            vcpu.set_regs(regs)
+            self.quirk_counts["fwait"] += 1
+            return
         insn = ex.insn.hex(" ") if ex.insn else "unknown"
+        where = f"RIP {regs.rip:#x}"
+        symbols = getattr(self.kernel, "symbols", None)
+        name = symbols.lookup(regs.rip) if symbols else None
+        if name:
+            where += f" ({name})"
         self.request_exit(ExitReason.EMULATION_FAILURE,
                           detail=f"vCPU {vcpu.index}: KVM could not emulate the instruction at "
-                                 f"RIP {regs.rip:#x} (bytes: {insn}; suberror {ex.suberror})")
+                                 f"{where} (bytes: {insn}; suberror {ex.suberror})")
 
     def _unexpected(self, vcpu, ex) -> None:
         self.request_exit(ExitReason.ERROR, detail=f"vCPU {vcpu.index}: unexpected exit {ex}")
@@ -244,7 +299,24 @@ class Machine:
         self.request_exit(ExitReason.DEBUG_EXIT, status=value)
 
     def _guest_reset(self) -> None:
-        self.request_exit(ExitReason.REBOOT)
+        if self.console.panicked:
+            self.request_exit(ExitReason.PANIC, detail="guest kernel panic")
+        else:
+            self.request_exit(ExitReason.REBOOT)
+
+    def _first_output(self, data: bytes) -> None:
+        self.times.setdefault("first-output", time.monotonic())
+
+    def _console_event(self, event: str) -> None:
+        """Kernel events seen on the console (see vmm.console)."""
+        if event == "poweroff":
+            # Linux printed its last line before power-off; without ACPI nothing else
+            # follows but init's death, so end the VM now.
+            self.request_exit(ExitReason.POWEROFF)
+        elif event == "panic-end":
+            self.request_exit(ExitReason.PANIC, detail="guest kernel panic")
+        elif event not in ("reboot", "panic"):
+            self.times.setdefault(event, time.monotonic())
 
     # -- running and stopping -------------------------------------------------------------
     def request_exit(self, reason: ExitReason, *, status: int | None = None, detail: str = "") -> None:
@@ -295,18 +367,27 @@ class Machine:
         return self.result
 
     def _console_thread(self) -> None:
-        """Moves guest serial output from the shim's buffer to the console, in order."""
+        """Moves guest serial output from the shim's buffer to the console, in order.
+
+        After each drain it sleeps CONSOLE_BATCH_S so that a guest printing in a tight
+        loop wakes this thread once per batch rather than once per byte (each wake-up
+        costs the vCPU an eventfd write and, on a small host, a context switch).
+        """
         shim = native()
         buf = shim.ffi.new("uint8_t[]", 1 << 16)
-        take, out = shim.lib.shim_tx_take, self.config.console
-        while True:
-            os.eventfd_read(self._tx_event)
+        take, out = shim.lib.shim_tx_take, self.console.write
+
+        def drain() -> None:
             while n := take(self._txbuf, buf, 1 << 16):
                 out(bytes(shim.ffi.buffer(buf, n)))
-            if self.stopping and all(not l.thread.is_alive() for l in self.loops):
-                while n := take(self._txbuf, buf, 1 << 16):
-                    out(bytes(shim.ffi.buffer(buf, n)))
+
+        while True:
+            os.eventfd_read(self._tx_event)
+            drain()
+            if self.stopping and all(not loop.thread.is_alive() for loop in self.loops):
+                drain()
                 return
+            time.sleep(CONSOLE_BATCH_S)
 
     # -- teardown ----------------------------------------------------------------------------
     def close(self) -> None:

@@ -80,6 +80,12 @@ class VcpuLoop:
             c.serial = machine.shim_serial if machine.shim_serial is not None else self._ffi.NULL
             self._c = c
 
+    def close(self) -> None:
+        """Release the shim's view of the kvm_run page (before the vCPU fd closes)."""
+        if self._c is not None:
+            self._ffi.release(self._run_buf)
+            self._c = None
+
     @property
     def fast_exits(self) -> int:
         return self._c.fast_exits if self._c is not None else 0

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Sets up a fresh checkout: system packages (scripts/setup-host.sh), then a virtual
+# environment in .venv with pyvmm installed in editable mode (this compiles the C shim
+# with cffi) and its test dependencies. Safe to run again: it only does what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup-host.sh
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+stamp=.venv/.pyvmm-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
+   || [ native/shim.c -nt "$stamp" ] || [ native/shim.h -nt "$stamp" ] \
+   || ! .venv/bin/python -c "import vmm._shim" 2>/dev/null; then
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e '.[test]'
+  touch "$stamp"
+fi

@@ -1,0 +1,48 @@
+"""Our ctypes transcription of <linux/kvm.h> against the system header itself."""
+
+from __future__ import annotations
+
+import ctypes as C
+import shutil
+import subprocess
+
+import pytest
+
+from vmm.kvm import ioctls as K
+from vmm.kvm import structs as S
+
+STRUCTS = ["kvm_userspace_memory_region", "kvm_regs", "kvm_sregs", "kvm_segment", "kvm_fpu",
+           "kvm_msr_entry", "kvm_msrs", "kvm_cpuid_entry2", "kvm_cpuid2", "kvm_pit_config",
+           "kvm_irq_level", "kvm_vcpu_events", "kvm_ioeventfd", "kvm_irqfd", "kvm_lapic_state"]
+IOCTLS = [n for n in dir(K) if n.startswith("KVM_") and not n.startswith(("KVM_CAP_", "KVM_EXIT_",
+          "KVM_INTERNAL", "KVM_SYSTEM_EVENT", "KVM_IOEVENTFD_FLAG", "KVM_VCPUEVENT"))]
+
+
+@pytest.fixture(scope="module")
+def header_values(tmp_path_factory):
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc not installed")
+    src = tmp_path_factory.mktemp("abi") / "abi.c"
+    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/kvm.h>", "int main(void){"]
+    lines += [f'printf("{s} %zu\\n", sizeof(struct {s}));' for s in STRUCTS]
+    lines += [f'printf("{n} %lu\\n", (unsigned long){n});' for n in IOCTLS]
+    lines += ['printf("run_exit_union %zu\\n", offsetof(struct kvm_run, io));', "return 0;}"]
+    src.write_text("\n".join(lines))
+    exe = src.with_suffix("")
+    subprocess.run(["gcc", "-o", str(exe), str(src)], check=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    return {k: int(v) for k, v in (line.split() for line in out.splitlines())}
+
+
+@pytest.mark.parametrize("name", STRUCTS)
+def test_struct_sizes_match_the_kernel_header(header_values, name):
+    assert C.sizeof(getattr(S, name)) == header_values[name]
+
+
+@pytest.mark.parametrize("name", IOCTLS)
+def test_ioctl_numbers_match_the_kernel_header(header_values, name):
+    assert getattr(K, name) == header_values[name], f"{name}: {getattr(K, name):#x}"
+
+
+def test_exit_union_offset(header_values):
+    assert S.KVM_RUN_EXIT_UNION == header_values["run_exit_union"]

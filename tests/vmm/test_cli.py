@@ -1,0 +1,78 @@
+"""The CLI as a user runs it: exit statuses and one-line errors, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import requires_kvm
+
+
+def pyvmm(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "vmm.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def assert_one_line_error(r, status=2):
+    assert r.returncode == status, r
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_version():
+    r = pyvmm("--version")
+    assert r.returncode == 0 and r.stdout.startswith("pyvmm ")
+
+
+@pytest.mark.parametrize("args", [
+    ["boot", "--raw", "/nonexistent/guest.elf"],
+    ["boot", "--raw", "/"],
+    ["boot", "--no-such-option"],
+    ["--no-such-option"],
+    ["boot", "--raw", "/etc/hostname", "--cpus", "x"],
+    ["boot", "--raw", "/etc/hostname", "--cpus", "0"],
+    ["boot", "--raw", "/etc/hostname", "--on-reboot", "sometimes"],
+])
+def test_bad_usage_is_one_line_exit_2(args):
+    assert_one_line_error(pyvmm(*args))
+
+
+@requires_kvm
+@pytest.mark.parametrize("mem", ["0", "10T", "lots", "1K"])
+def test_bad_memory_sizes(tiny, mem):
+    assert_one_line_error(pyvmm("boot", "--raw", tiny("hello"), "--mem", mem))
+
+
+@requires_kvm
+def test_not_a_kernel(tmp_path):
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(b"\x00" * 4096)
+    assert_one_line_error(pyvmm("boot", junk))
+    assert_one_line_error(pyvmm("boot", "--raw", junk))
+
+
+@requires_kvm
+@pytest.mark.parametrize("loop", ["shim", "python"])
+def test_raw_guest_output_and_status(tiny, loop):
+    r = pyvmm("boot", "--raw", tiny("hello", {"EXIT_STATUS": 7}), "--loop", loop)
+    assert r.stdout == "Hello from a tiny guest\n"
+    assert r.returncode == 7
+
+
+@requires_kvm
+def test_triple_fault_exit_status(tiny):
+    r = pyvmm("boot", "--raw", tiny("triple_fault"))
+    assert r.returncode == 4
+    assert "triple" in r.stderr
+
+
+@requires_kvm
+def test_console_log_and_timings(tiny, tmp_path):
+    log = tmp_path / "console.log"
+    r = pyvmm("boot", "--raw", tiny("hello"), "--console-log", log, "--timings")
+    assert r.returncode == 0
+    assert log.read_bytes() == b"Hello from a tiny guest\n"
+    assert "first console byte" in r.stderr

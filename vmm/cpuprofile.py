@@ -1,0 +1,52 @@
+"""CPU profiles: what pyvmm tells a Linux guest about the CPU, per kind of host.
+
+``host``: nothing extra — on hardware-assisted KVM the guest sees the filtered CPUID
+table (vmm/arch/x86_64/cpuid.py) and everything works as on any VMM.
+
+``safe``: for emulation-only hosts (vmm/hostcheck.py). There the guest's CPUID is the
+host's whatever KVM_SET_CPUID2 says, so features KVM's instruction emulator cannot
+execute are hidden on the kernel command line instead; hypercalls hang, so paravirt
+features are off (``nopv``; ``nopvspin`` for SMP) and the TSC frequency is given
+(``tsc_early_khz``) so Linux does not calibrate it against the PIT in interpreted
+code; and the VMM completes ``int3`` and ``fwait`` when the emulator refuses them.
+
+``auto`` (the default) picks ``safe`` when the host probe finds ring-0 code
+interpreted, else ``host``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vmm.hostcheck import HostProfile
+from vmm.machine import HostQuirks
+
+PROFILES = ("auto", "host", "safe")
+
+#: Features whose instructions KVM's emulator cannot execute (HOST-KVM.md):
+#: SMAP (clac/stac), CX16 (lock cmpxchg16b), POPCNT, XSAVE family, RDRAND/RDSEED.
+SAFE_CLEARCPUID = ("smap", "cx16", "popcnt", "xsave", "rdrand", "rdseed")
+
+
+@dataclass(frozen=True)
+class CpuProfile:
+    name: str
+    cmdline: tuple[str, ...] = ()
+    quirks: HostQuirks = field(default_factory=HostQuirks)
+
+
+def select(requested: str, host: HostProfile | None, cpus: int = 1) -> CpuProfile:
+    """The profile to use. ``host`` may be None only when ``requested`` is not "auto"."""
+    if requested not in PROFILES:
+        raise ValueError(f"unknown CPU profile {requested!r} (use {', '.join(PROFILES)})")
+    name = requested
+    if name == "auto":
+        name = "safe" if host is not None and host.emulated else "host"
+    if name == "host":
+        return CpuProfile("host")
+    args = [f"clearcpuid={','.join(SAFE_CLEARCPUID)}", "nofsgsbase", "noxsave", "nopv"]
+    if cpus > 1:
+        args.append("nopvspin")
+    if host is not None and host.tsc_khz:
+        args.append(f"tsc_early_khz={host.tsc_khz}")
+    return CpuProfile("safe", tuple(args), HostQuirks(complete_int3=True, complete_fwait=True))
