@@ -32,7 +32,6 @@ def main() -> int:
             print(f"System.map: {k.system_map}")
             print(f"config: {k.config}")
         print(f"initramfs: {guestbuild.build_initramfs()}")
-        print(f"cmdline: {guestbuild.DEFAULT_CMDLINE}")
     except guestbuild.GuestBuildError as e:
         print(f"build-guest: {e}", file=sys.stderr)
         return 1
