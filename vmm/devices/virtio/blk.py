@@ -1,0 +1,562 @@
+"""virtio-blk device model (virtio 1.2 §5.2) backed by a raw image file or block device.
+
+Requests are served synchronously by :meth:`VirtioBlk.process_queue`, which the
+transport calls on the VMM's I/O thread (see mmio.py, "Locking"). Data moves with
+``os.preadv``/``os.pwritev`` straight between the file and views of guest memory; no
+request data is copied through Python objects.
+
+Cache modes (``cache=``):
+
+* ``writeback`` (default): FLUSH requests call ``fdatasync`` before completing.
+* ``none``: the same semantics here. O_DIRECT is deliberately not used: it needs
+  sector-aligned host buffers and guest buffers are not necessarily aligned; the
+  guest's FLUSH still makes data durable.
+* ``unsafe``: FLUSH completes at once without syncing (for throwaway test disks).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import stat
+import struct
+from typing import Callable, Sequence
+
+from vmm.memory import GuestMemory
+
+from .queue import DescriptorChain, Queue
+
+log = logging.getLogger(__name__)
+
+
+class BlockError(Exception):
+    """A disk image pyvmm cannot use (one line, meant for the user)."""
+
+
+#: Virtio device ID of a block device (§5.2.1).
+VIRTIO_ID_BLOCK = 2
+
+# --- Feature bits (§5.2.3, §6) -------------------------------------------------------
+VIRTIO_BLK_F_SIZE_MAX = 1
+VIRTIO_BLK_F_SEG_MAX = 2
+VIRTIO_BLK_F_GEOMETRY = 4
+VIRTIO_BLK_F_RO = 5
+VIRTIO_BLK_F_BLK_SIZE = 6
+VIRTIO_BLK_F_FLUSH = 9
+VIRTIO_BLK_F_TOPOLOGY = 10
+VIRTIO_BLK_F_CONFIG_WCE = 11
+VIRTIO_BLK_F_MQ = 12
+VIRTIO_BLK_F_DISCARD = 13
+VIRTIO_BLK_F_WRITE_ZEROES = 14
+VIRTIO_F_VERSION_1 = 32
+
+# --- Request types (§5.2.6) ----------------------------------------------------------
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_T_GET_LIFETIME = 10
+VIRTIO_BLK_T_DISCARD = 11
+VIRTIO_BLK_T_WRITE_ZEROES = 13
+VIRTIO_BLK_T_SECURE_ERASE = 14
+
+# --- Status values (§5.2.6) ----------------------------------------------------------
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+
+#: Flag of a discard/write-zeroes segment (§5.2.6: struct virtio_blk_discard_write_zeroes).
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
+
+#: Bytes of a GET_ID answer (§5.2.6: "VIRTIO_BLK_ID_BYTES").
+VIRTIO_BLK_ID_BYTES = 20
+
+SECTOR_SHIFT = 9
+SECTOR_SIZE = 1 << SECTOR_SHIFT  # §5.2.6: sector numbers are always in 512-byte units
+
+#: QueueNumMax of the one request queue.
+QUEUE_SIZE = 256
+#: Data segments per request (§5.2.4 seg_max): the queue size less header and status.
+SEG_MAX = QUEUE_SIZE - 2
+#: Largest discard / write-zeroes per segment, in sectors (4 GiB).
+MAX_DISCARD_SECTORS = 1 << 23
+MAX_WRITE_ZEROES_SECTORS = 1 << 23
+#: Discard granularity in sectors: 4 KiB, the usual host filesystem block.
+DISCARD_SECTOR_ALIGNMENT = 8
+#: Requests carry at most one discard / write-zeroes segment (max_*_seg in config).
+MAX_DISCARD_SEG = 1
+MAX_WRITE_ZEROES_SEG = 1
+
+_HEADER = struct.Struct("<IIQ")  # §5.2.6: le32 type, le32 reserved, le64 sector
+_SEGMENT = struct.Struct("<QII")  # §5.2.6: le64 sector, le32 num_sectors, le32 flags
+
+#: Fields of struct virtio_blk_config (§5.2.4): name -> (offset, width).
+CONFIG_FIELDS = {
+    "capacity": (0, 8),
+    "size_max": (8, 4),
+    "seg_max": (12, 4),
+    "geometry.cylinders": (16, 2),
+    "geometry.heads": (18, 1),
+    "geometry.sectors": (19, 1),
+    "blk_size": (20, 4),
+    "topology.physical_block_exp": (24, 1),
+    "topology.alignment_offset": (25, 1),
+    "topology.min_io_size": (26, 2),
+    "topology.opt_io_size": (28, 4),
+    "writeback": (32, 1),
+    "num_queues": (34, 2),
+    "max_discard_sectors": (36, 4),
+    "max_discard_seg": (40, 4),
+    "discard_sector_alignment": (44, 4),
+    "max_write_zeroes_sectors": (48, 4),
+    "max_write_zeroes_seg": (52, 4),
+    "write_zeroes_may_unmap": (56, 1),
+}
+CONFIG_SIZE = 60  # through unused1[3] after write_zeroes_may_unmap
+
+CACHE_MODES = ("writeback", "none", "unsafe")
+
+# --- fallocate(2) --------------------------------------------------------------------
+# os.posix_fallocate() cannot pass mode flags, and DISCARD / WRITE_ZEROES need
+# FALLOC_FL_PUNCH_HOLE and FALLOC_FL_ZERO_RANGE, so we call libc's fallocate directly.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(None, use_errno=True)  # the process's own libc (Linux)
+_libc_fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
+_libc_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_libc_fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with mode flags. Raises OSError."""
+    if _libc_fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+# --- Image locking ----------------------------------------------------------------------
+#: F_OFD_SETLK (Linux 3.15+); Python's fcntl exports it from 3.9 on Linux.
+F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+
+
+def _ofd_lock(fd: int, path: str, exclusive: bool) -> None:
+    """Lock the whole image with an open-file-description lock.
+
+    OFD locks belong to the open file, not the process: they are not lost when another
+    fd on the same file is closed, and they conflict between two opens in one process
+    too (two VMs in one test process still exclude each other).
+    """
+    l_type = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
+    # struct flock: short l_type, short l_whence, off_t l_start, off_t l_len,
+    # pid_t l_pid (must be 0 for OFD locks); native alignment pads it to 32 bytes.
+    arg = struct.pack("hhqqi4x", l_type, os.SEEK_SET, 0, 0, 0)
+    try:
+        fcntl.fcntl(fd, F_OFD_SETLK, arg)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise BlockError(f"{path} is in use by another VM") from None
+        # EINVAL / ENOLCK / EOPNOTSUPP: the kernel or filesystem has no OFD locks.
+        log.warning("cannot lock %s (%s); make sure no other VM uses it", path, e.strerror)
+
+
+def _release_views(views: list[memoryview]) -> None:
+    for v in views:
+        v.release()
+
+
+class VirtioBlk:
+    """A virtio block device serving one image file.
+
+    Args:
+        path: a raw disk image (regular file) or a block device.
+        read_only: open read-only, offer VIRTIO_BLK_F_RO and refuse every write.
+        serial: the GET_ID answer (at most 20 ASCII bytes); by default one derived
+            from the image's device and inode numbers.
+        cache: ``writeback``, ``none`` or ``unsafe`` (see the module docstring).
+    Raises:
+        BlockError: the image is missing, a directory, unreadable, locked by another
+            VM, or an option is invalid.
+    """
+
+    device_id = VIRTIO_ID_BLOCK
+    queue_max_sizes = (QUEUE_SIZE,)
+
+    def __init__(self, path: str | os.PathLike, *, read_only: bool = False,
+                 serial: str | None = None, cache: str = "writeback"):
+        path = os.fspath(path)
+        if cache not in CACHE_MODES:
+            raise BlockError(f"unknown cache mode {cache!r} (use {', '.join(CACHE_MODES)})")
+        self.path = path
+        self.read_only = read_only
+        self.cache = cache
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise BlockError(f"disk image {path} does not exist") from None
+        except OSError as e:
+            raise BlockError(f"cannot open disk image {path}: {e.strerror}") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise BlockError(f"{path} is a directory, not a disk image")
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise BlockError(f"{path} is not a regular file or block device")
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            self.fd = os.open(path, flags)
+        except PermissionError:
+            how = "reading" if read_only else "writing (use a read-only disk?)"
+            raise BlockError(f"cannot open disk image {path} for {how}: permission denied") \
+                from None
+        except OSError as e:
+            raise BlockError(f"cannot open disk image {path}: {e.strerror}") from None
+        try:
+            _ofd_lock(self.fd, path, exclusive=not read_only)
+            size = os.lseek(self.fd, 0, os.SEEK_END)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        if size % SECTOR_SIZE:
+            log.warning("%s: size is not a multiple of 512; the last %d bytes are not "
+                        "visible to the guest", path, size % SECTOR_SIZE)
+        #: Capacity in 512-byte sectors (§5.2.4 capacity).
+        self.capacity = size >> SECTOR_SHIFT
+        if serial is None:
+            serial = f"{st.st_dev:x}{st.st_rdev:x}{st.st_ino:x}"[:VIRTIO_BLK_ID_BYTES]
+        try:
+            sid = serial.encode("ascii")
+        except UnicodeEncodeError:
+            sid = b""
+        if not sid and serial or len(sid) > VIRTIO_BLK_ID_BYTES:
+            os.close(self.fd)
+            raise BlockError(f"disk serial {serial!r} must be at most 20 ASCII characters")
+        self._serial = sid.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
+
+        features = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_SEG_MAX)
+                    | (1 << VIRTIO_BLK_F_BLK_SIZE) | (1 << VIRTIO_BLK_F_FLUSH))
+        if read_only:
+            features |= 1 << VIRTIO_BLK_F_RO
+        else:
+            features |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
+        self.features = features
+        self._config = self._build_config()
+        self._logged: set = set()
+        self._iov_max = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+        self.reset()
+
+    def _build_config(self) -> bytes:
+        cfg = bytearray(CONFIG_SIZE)
+        values = {
+            "capacity": self.capacity,
+            "seg_max": SEG_MAX,
+            "blk_size": SECTOR_SIZE,
+            "num_queues": 1,
+            "max_discard_sectors": MAX_DISCARD_SECTORS,
+            "max_discard_seg": MAX_DISCARD_SEG,
+            "discard_sector_alignment": DISCARD_SECTOR_ALIGNMENT,
+            "max_write_zeroes_sectors": MAX_WRITE_ZEROES_SECTORS,
+            "max_write_zeroes_seg": MAX_WRITE_ZEROES_SEG,
+            "write_zeroes_may_unmap": 1,
+        }
+        for name, value in values.items():
+            off, width = CONFIG_FIELDS[name]
+            cfg[off:off + width] = value.to_bytes(width, "little")
+        return bytes(cfg)
+
+    # -- lifetime ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the image (this also drops the lock on it)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "VirtioBlk":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _log_once(self, key, msg: str, *args) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            log.warning("virtio-blk %s: " + msg, self.path, *args)
+
+    # -- VirtioDevice ----------------------------------------------------------------------
+    def read_config(self, offset: int, size: int) -> int:
+        """Read a config field (§5.2.4) with its own width.
+
+        §4.2.2.2: the driver uses 8/16/32-bit aligned accesses matching each field;
+        64-bit fields may also be read as two 32-bit halves. Anything else reads 0.
+        """
+        for off, width in CONFIG_FIELDS.values():
+            if off <= offset and offset + size <= off + width and offset % size == 0 \
+                    and (size == width or (width == 8 and size == 4)):
+                return int.from_bytes(self._config[offset:offset + size], "little")
+        self._log_once(("cfg-read",), "invalid config read of %d bytes at %#x",
+                       size, offset)
+        return 0
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        # The only writable field, writeback, needs VIRTIO_BLK_F_CONFIG_WCE: not offered.
+        self._log_once(("cfg-write",), "config write at %#x ignored", offset)
+
+    def activate(self, queues: Sequence[Queue], mem: GuestMemory,
+                 signal_used: Callable[[int], None]) -> None:
+        self._queues = list(queues)
+        self._mem = mem
+        self._signal_used = signal_used
+
+    def reset(self) -> None:
+        self._queues: list[Queue] = []
+        self._mem: GuestMemory | None = None
+        self._signal_used: Callable[[int], None] | None = None
+
+    def process_queue(self, index: int) -> None:
+        """Serve every available request on queue ``index``, then signal the driver.
+
+        Raises:
+            QueueError: the ring is broken (the transport sets DEVICE_NEEDS_RESET).
+        """
+        if index >= len(self._queues) or self._mem is None:
+            return
+        q = self._queues[index]
+        done = 0
+        try:
+            while (chain := q.pop()) is not None:
+                # The used element is written only once the request has completed.
+                q.add_used(chain.head_index, self._handle(chain))
+                done += 1
+        finally:
+            if done and self._signal_used:
+                self._signal_used(index)
+
+    # -- requests (§5.2.6) -------------------------------------------------------------------
+    def _handle(self, chain: DescriptorChain) -> int:
+        """Serve one request; returns the used length (bytes written incl. status)."""
+        mem = self._mem
+        if chain.structural:
+            # The chain's end is unknown, so is its status byte: complete it empty.
+            self._log_once(("chain",), "malformed descriptor chain: %s",
+                           chain.error)
+            return 0
+        descs = chain.descriptors
+        # The status byte is the last byte of the device-writable part (§5.2.6 struct
+        # virtio_blk_req; §2.7.4 message framing: any descriptor layout is allowed).
+        last_w = next((i for i in range(len(descs) - 1, -1, -1)
+                       if descs[i].write_only and descs[i].len), None)
+        if last_w is None or not descs[last_w].in_ram:
+            self._log_once(("nostatus",), "request without a usable status byte")
+            return 0
+        status_desc = descs[last_w]
+        status_addr = status_desc.addr + status_desc.len - 1
+
+        def finish(status: int, data_written: int = 0) -> int:
+            mem.write_int(status_addr, 1, status)
+            return data_written + 1
+
+        if chain.error:
+            self._log_once(("bad",), "bad descriptor: %s", chain.error)
+            return finish(VIRTIO_BLK_S_IOERR)
+        first_w = next((i for i, d in enumerate(descs) if d.write_only), len(descs))
+        if any(not d.write_only for d in descs[first_w:]):
+            # §2.7.4.2: device-readable descriptors come before device-writable ones.
+            return finish(VIRTIO_BLK_S_IOERR)
+        readable = [(d.addr, d.len) for d in descs[:first_w]]
+        writable = [(d.addr, d.len) for d in descs[first_w:]]
+        r_total = sum(n for _, n in readable)
+        w_total = sum(n for _, n in writable)
+        if r_total < _HEADER.size:
+            return finish(VIRTIO_BLK_S_IOERR)
+        hdr = bytearray(_HEADER.size)
+        self._gather(readable, 0, hdr)
+        rtype, _reserved, sector = _HEADER.unpack(hdr)
+        out_data = _slice(readable, _HEADER.size, r_total - _HEADER.size)
+        in_data = _slice(writable, 0, w_total - 1)
+
+        if rtype == VIRTIO_BLK_T_IN:
+            status, n = self._read(sector, in_data)
+            return finish(status, n)
+        if rtype == VIRTIO_BLK_T_OUT:
+            return finish(self._write(sector, out_data))
+        if rtype == VIRTIO_BLK_T_FLUSH:
+            return finish(self._flush())
+        if rtype == VIRTIO_BLK_T_GET_ID:
+            # §5.2.6: 20 bytes, NUL-padded. A smaller buffer gets the first bytes (as
+            # QEMU does); the spec leaves that case open.
+            n = min(VIRTIO_BLK_ID_BYTES, w_total - 1)
+            self._scatter(in_data, self._serial[:n])
+            return finish(VIRTIO_BLK_S_OK, n)
+        if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+            return finish(self._discard_or_zero(rtype, readable, r_total))
+        return finish(VIRTIO_BLK_S_UNSUPP)
+
+    def _gather(self, segs: list[tuple[int, int]], start: int, out: bytearray) -> None:
+        """Copy ``len(out)`` bytes at byte ``start`` of ``segs`` into ``out`` (headers only)."""
+        pos = 0
+        for addr, n in _slice(segs, start, len(out)):
+            out[pos:pos + n] = self._mem.view(addr, n)
+            pos += n
+
+    def _scatter(self, segs: list[tuple[int, int]], data: bytes) -> None:
+        pos = 0
+        for addr, n in segs:
+            if pos >= len(data):
+                break
+            k = min(n, len(data) - pos)
+            self._mem.view(addr, k)[:] = data[pos:pos + k]
+            pos += k
+
+    def _check_range(self, sector: int, nbytes: int) -> bool:
+        """§5.2.6: data must be whole sectors inside the capacity (no u64 wraparound:
+        Python ints do not overflow, and the sum is compared, not wrapped)."""
+        if nbytes == 0 or nbytes % SECTOR_SIZE:
+            return False
+        return sector + (nbytes >> SECTOR_SHIFT) <= self.capacity
+
+    def _views(self, segs: list[tuple[int, int]]) -> list[memoryview]:
+        return [self._mem.view(a, n) for a, n in segs if n]
+
+    def _read(self, sector: int, segs: list[tuple[int, int]]) -> tuple[int, int]:
+        nbytes = sum(n for _, n in segs)
+        if not self._check_range(sector, nbytes) or len(segs) > self._iov_max:
+            return VIRTIO_BLK_S_IOERR, 0
+        views = self._views(segs)
+        try:
+            done = _full_io(os.preadv, self.fd, views, sector << SECTOR_SHIFT)
+        except OSError as e:
+            self._log_once(("read", e.errno), "read error: %s", e.strerror)
+            return VIRTIO_BLK_S_IOERR, 0
+        finally:
+            _release_views(views)
+        if done != nbytes:  # the image shrank under us
+            return VIRTIO_BLK_S_IOERR, 0
+        return VIRTIO_BLK_S_OK, nbytes
+
+    def _write(self, sector: int, segs: list[tuple[int, int]]) -> int:
+        if self.read_only:  # §5.2.6.2: IOERR for writes to a VIRTIO_BLK_F_RO device
+            return VIRTIO_BLK_S_IOERR
+        nbytes = sum(n for _, n in segs)
+        if not self._check_range(sector, nbytes) or len(segs) > self._iov_max:
+            return VIRTIO_BLK_S_IOERR
+        views = self._views(segs)
+        try:
+            done = _full_io(os.pwritev, self.fd, views, sector << SECTOR_SHIFT)
+        except OSError as e:
+            self._log_once(("write", e.errno), "write error: %s", e.strerror)
+            return VIRTIO_BLK_S_IOERR
+        finally:
+            _release_views(views)
+        return VIRTIO_BLK_S_OK if done == nbytes else VIRTIO_BLK_S_IOERR
+
+    def _flush(self) -> int:
+        # §5.2.6.2: data written before a completed FLUSH is on stable storage.
+        if self.cache == "unsafe":
+            return VIRTIO_BLK_S_OK
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            self._log_once(("flush", e.errno), "flush error: %s", e.strerror)
+            return VIRTIO_BLK_S_IOERR
+        return VIRTIO_BLK_S_OK
+
+    def _discard_or_zero(self, rtype: int, readable: list[tuple[int, int]],
+                         r_total: int) -> int:
+        if self.read_only:
+            return VIRTIO_BLK_S_IOERR
+        nbytes = r_total - _HEADER.size
+        # §5.2.6: the data is an array of 16-byte virtio_blk_discard_write_zeroes.
+        if nbytes == 0 or nbytes % _SEGMENT.size:
+            return VIRTIO_BLK_S_IOERR
+        nseg = nbytes // _SEGMENT.size
+        max_seg = MAX_DISCARD_SEG if rtype == VIRTIO_BLK_T_DISCARD else MAX_WRITE_ZEROES_SEG
+        max_sectors = (MAX_DISCARD_SECTORS if rtype == VIRTIO_BLK_T_DISCARD
+                       else MAX_WRITE_ZEROES_SECTORS)
+        if nseg > max_seg:  # more than max_discard_seg / max_write_zeroes_seg (§5.2.4)
+            return VIRTIO_BLK_S_UNSUPP
+        raw = bytearray(nbytes)
+        self._gather(readable, _HEADER.size, raw)
+        segments = [_SEGMENT.unpack_from(raw, i * _SEGMENT.size) for i in range(nseg)]
+        for sector, num, flags in segments:
+            # §5.2.6.2: unknown flags, or unmap on a discard, are UNSUPP.
+            if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
+                return VIRTIO_BLK_S_UNSUPP
+            if rtype == VIRTIO_BLK_T_DISCARD and flags:
+                return VIRTIO_BLK_S_UNSUPP
+            if num > max_sectors or sector + num > self.capacity:
+                return VIRTIO_BLK_S_IOERR
+        for sector, num, flags in segments:
+            if num == 0:
+                continue
+            off, length = sector << SECTOR_SHIFT, num << SECTOR_SHIFT
+            try:
+                if rtype == VIRTIO_BLK_T_DISCARD:
+                    self._punch(off, length, required=False)
+                elif flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
+                    self._punch(off, length, required=True)
+                else:
+                    self._zero(off, length)
+            except OSError as e:
+                self._log_once(("dz", e.errno), "discard/write-zeroes error: %s", e.strerror)
+                return VIRTIO_BLK_S_IOERR
+        return VIRTIO_BLK_S_OK
+
+    def _punch(self, off: int, length: int, *, required: bool) -> None:
+        """Deallocate a range; reads of it return zeros afterwards."""
+        try:
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            if required:  # write zeroes must zero even where it cannot unmap
+                self._zero(off, length)
+            # a discard is only a hint (§5.2.6: the device MAY deallocate)
+
+    def _zero(self, off: int, length: int) -> None:
+        try:
+            fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, off, length)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+        chunk = bytes(min(length, 1 << 20))
+        end = off + length
+        while off < end:
+            n = os.pwrite(self.fd, memoryview(chunk)[:min(len(chunk), end - off)], off)
+            if n <= 0:
+                raise OSError(errno.EIO, "short write")
+            off += n
+
+
+def _slice(segs: list[tuple[int, int]], start: int, length: int) -> list[tuple[int, int]]:
+    """The (addr, len) pieces covering bytes [start, start+length) of ``segs``."""
+    out = []
+    pos = 0
+    end = start + length
+    for addr, n in segs:
+        lo, hi = max(start, pos), min(end, pos + n)
+        if lo < hi:
+            out.append((addr + lo - pos, hi - lo))
+        pos += n
+        if pos >= end:
+            break
+    return out
+
+
+def _full_io(func, fd: int, views: list[memoryview], offset: int) -> int:
+    """Run preadv/pwritev until all of ``views`` is transferred or EOF; bytes moved."""
+    total = 0
+    while views:
+        n = func(fd, views, offset)
+        if n <= 0:
+            break
+        total += n
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views = views[1:]
+        if views and n:
+            views = [views[0][n:]] + views[1:]
+    return total
