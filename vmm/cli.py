@@ -64,7 +64,43 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the VM after this long")
     b.add_argument("--loop", choices=("shim", "python"), default=None,
                    help="vCPU run loop: the C shim (default) or the pure-Python twin")
+    b.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=ID][,cache=MODE]",
+                   help="a virtio-blk disk (repeatable; /dev/vda, /dev/vdb, ... in order); "
+                        "cache is writeback (default), none or unsafe (flushes ignored)")
+    b.add_argument("--root", action="store_true",
+                   help="mount the first --disk as the root filesystem (root=/dev/vda)")
+
+    m = sub.add_parser("mkfs", help="make an ext4 disk image from a host directory (no root needed)")
+    m.add_argument("source", help="host directory to copy into the image ('-' for an empty filesystem)")
+    m.add_argument("image", help="image file to create")
+    m.add_argument("--size", help="image size, e.g. 64M (default: the directory's size plus room)")
     return p
+
+
+def _disk(spec: str):
+    """``PATH[,ro][,serial=ID][,cache=writeback|none|unsafe]`` -> DiskConfig."""
+    from vmm.machine import DiskConfig
+    path, *opts = spec.split(",")
+    if not path:
+        raise UsageError(f"--disk {spec!r}: no path")
+    disk = DiskConfig(Path(path))
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if opt == "ro":
+            disk.read_only = True
+        elif opt == "rw":
+            disk.read_only = False
+        elif key == "serial" and value:
+            if len(value.encode()) > 20:
+                raise UsageError(f"--disk {spec}: serial is at most 20 bytes")
+            disk.serial = value
+        elif key == "cache" and value in ("writeback", "none", "unsafe"):
+            disk.cache = value
+        else:
+            raise UsageError(f"--disk {spec}: unknown option {opt!r} "
+                             "(use ro, serial=ID, cache=writeback|none|unsafe)")
+    _check_file(path, "disk")
+    return disk
 
 
 def _err(console, message: str) -> None:
@@ -128,6 +164,9 @@ def boot(args) -> int:
         initrd = _check_file(args.initrd, "initrd") if args.initrd else None
     if args.raw and (args.initrd or args.cmdline or args.cmdline_replace):
         raise UsageError("--raw guests take no --initrd or kernel command line")
+    disks = [_disk(spec) for spec in args.disk]
+    if args.root and not disks:
+        raise UsageError("--root needs a --disk")
 
     kvm = Kvm()
     rec, maximum = kvm.max_vcpus()
@@ -151,8 +190,9 @@ def boot(args) -> int:
         if args.cmdline_replace is not None:
             cmdline = args.cmdline_replace
         else:
+            root = f"root=/dev/vda {'ro' if disks[0].read_only else 'rw'}" if args.root else ""
             cmdline = " ".join(x for x in (DEFAULT_CMDLINE, " ".join(quirks_profile.cmdline),
-                                           args.cmdline) if x)
+                                           root, args.cmdline) if x)
 
     out = ConsoleOutput(log_path=args.console_log)
     status = EXIT_VMM_ERROR
@@ -169,7 +209,7 @@ def boot(args) -> int:
             config = MachineConfig(
                 kernel=kernel, mem_size=mem_size, cpus=cpus, kind="raw" if args.raw else "linux",
                 initrd=initrd, cmdline=cmdline, kernel_mode=args.kernel_mode,
-                loop=args.loop or default_loop(), console=out.write, markers=markers)
+                loop=args.loop or default_loop(), console=out.write, markers=markers, disks=disks)
             if quirks_profile is not None:
                 config.quirks = quirks_profile.quirks
             with Machine(config) as machine:
@@ -230,6 +270,17 @@ def _write_stamps(path: str, machine) -> None:
         json.dump(data, f)
 
 
+def mkfs(args) -> int:
+    from vmm.images import make_ext4
+    from vmm.memory import GuestMemoryError, parse_size
+    try:
+        size = parse_size(args.size) if args.size else None
+    except GuestMemoryError as e:
+        raise UsageError(f"--size: {e}") from None
+    make_ext4(None if args.source == "-" else args.source, args.image, size)
+    return 0
+
+
 def _print_timings(out, times: dict[str, float]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -260,14 +311,24 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from vmm.kvm import KvmError
     from vmm.loader import LoaderError
+    from vmm.devices.virtio.blk import BlockError
+    from vmm.images import ImageError
     from vmm.tinyguest import TinyGuestError
-    user_errors = (UsageError, LoaderError, TinyGuestError)
+    user_errors = (UsageError, LoaderError, TinyGuestError, BlockError, ImageError)
     try:
+        if args.command == "mkfs":
+            return mkfs(args)
         return boot(args)
     except user_errors as e:
         _err(None, str(e))
         return EXIT_USAGE
     except KvmError as e:
+        _err(None, str(e))
+        return EXIT_VMM_ERROR
+    except Exception as e:  # noqa: BLE001
+        from vmm.guestbuild import GuestBuildError
+        if not isinstance(e, GuestBuildError):
+            raise
         _err(None, str(e))
         return EXIT_VMM_ERROR
     except OSError as e:

@@ -2,9 +2,10 @@
 
 ``ConsoleWatcher`` recognises the kernel's own last words on the serial console,
 which is how pyvmm tells a power-off from a reboot from a panic on a microVM without
-ACPI: Linux prints "reboot: Power down" / "reboot: Restarting system" before it
-stops, and "Kernel panic - not syncing" when it panics (kernel/reboot.c,
-kernel/panic.c). Lines are assembled with a bounded buffer, so a guest printing
+ACPI: Linux prints "reboot: Power down" / "reboot: System halted" (a power-off
+request becomes a halt when the kernel has no power-off method) / "reboot: Restarting
+system" before it stops, and "Kernel panic - not syncing" when it panics
+(kernel/reboot.c, kernel/panic.c). Lines are assembled with a bounded buffer, so a guest printing
 without newlines cannot grow it.
 """
 
@@ -14,6 +15,7 @@ import threading
 from typing import Callable
 
 POWER_DOWN = b"reboot: Power down"
+HALTED = b"reboot: System halted"
 RESTART = b"reboot: Restarting system"
 PANIC = b"Kernel panic - not syncing"
 PANIC_END = b"---[ end Kernel panic"
@@ -36,7 +38,7 @@ class ConsoleWatcher:
                  markers: dict[bytes, str] | None = None):
         self.sinks = sinks
         self.on_event = on_event
-        self.markers = {POWER_DOWN: "poweroff", RESTART: "reboot", PANIC: "panic",
+        self.markers = {POWER_DOWN: "poweroff", HALTED: "poweroff", RESTART: "reboot", PANIC: "panic",
                         PANIC_END: "panic-end", **(markers or {})}
         self._line = bytearray()
         self._lock = threading.Lock()   # serialises writers (console thread, vCPU threads)

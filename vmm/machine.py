@@ -25,6 +25,9 @@ from vmm.devices.debugexit import DebugExit
 from vmm.devices.i8042 import I8042
 from vmm.devices.serial8250 import Serial8250
 from vmm.devices.testdev import TestDevice
+from vmm.devices.virtio.blk import VirtioBlk
+from vmm.devices.virtio.mmio import QUEUE_NOTIFY_OFFSET, VirtioMmioTransport, kernel_cmdline_arg
+from vmm.iothread import IoThread
 from vmm.kvm import exits as X
 from vmm.kvm import ioctls as K
 from vmm.loader import load_initrd, load_kernel
@@ -78,6 +81,15 @@ class HostQuirks:
 
 
 @dataclass
+class DiskConfig:
+    """One virtio-blk disk (the CLI's ``--disk PATH[,ro][,serial=ID][,cache=MODE]``)."""
+    path: Path
+    read_only: bool = False
+    serial: str | None = None
+    cache: str = "writeback"
+
+
+@dataclass
 class MachineConfig:
     kernel: Path
     mem_size: int = 256 << 20
@@ -95,6 +107,7 @@ class MachineConfig:
     #: Console line prefixes to timestamp in Machine.times, {b"pyvmm: ready": "ready"}.
     markers: dict[bytes, str] = field(default_factory=dict)
     quirks: HostQuirks = field(default_factory=HostQuirks)
+    disks: list[DiskConfig] = field(default_factory=list)
 
 
 class Machine:
@@ -187,6 +200,31 @@ class Machine:
         if cfg.kind == "raw":
             self.testdev = TestDevice()
             self.mmio.insert(layout.TEST_MMIO_START, layout.TEST_MMIO_SIZE, self.testdev, "testdev")
+        self._build_virtio()
+
+    def _build_virtio(self) -> None:
+        """virtio-mmio devices: one 4 KiB window and one IRQ each, announced to Linux on
+        its command line; queue notifications arrive through ioeventfds on the I/O
+        thread when KVM has them (else as MMIO writes on the vCPU thread)."""
+        self.io = IoThread()
+        self.io.on_error = self.fail
+        self._closers.append(self.io.close)
+        self.virtio_cmdline: list[str] = []
+        self.disks: list[VirtioBlk] = []
+        use_ioeventfd = bool(self.kvm.check_extension(K.KVM_CAP_IOEVENTFD))
+        for i, disk in enumerate(self.config.disks):
+            base = layout.VIRTIO_MMIO_START + i * layout.VIRTIO_MMIO_SIZE
+            irq = layout.VIRTIO_IRQ_BASE + i
+            blk = VirtioBlk(disk.path, read_only=disk.read_only, serial=disk.serial, cache=disk.cache)
+            self._closers.append(blk.close)
+            self.disks.append(blk)
+            transport = VirtioMmioTransport(blk, self.mem, self._irq(irq))
+            if use_ioeventfd:
+                for q in range(len(blk.queue_max_sizes)):
+                    fd = self.io.add(lambda q=q, t=transport: t.notify(q))
+                    self.vm.register_ioeventfd(fd, base + QUEUE_NOTIFY_OFFSET, 4, datamatch=q)
+            self.mmio.insert(base, layout.VIRTIO_MMIO_SIZE, transport, f"virtio-blk{i}")
+            self.virtio_cmdline.append(kernel_cmdline_arg(base, irq))
 
     def _sync_serial_fast_path(self) -> None:
         tx_fast, lsr = self.serial.fast_path_state()
@@ -198,8 +236,9 @@ class Machine:
         self.kernel = load_kernel(self.mem, cfg.kernel, mode=cfg.kernel_mode)
         if cfg.kind == "linux":
             initrd = load_initrd(self.mem, cfg.initrd, kernel=self.kernel) if cfg.initrd else None
+            cmdline = " ".join([cfg.cmdline, *self.virtio_cmdline]).strip()
             bootparams.build_zero_page(self.mem, setup_header=self.kernel.setup_header,
-                                       cmdline=cfg.cmdline, initrd=initrd,
+                                       cmdline=cmdline, initrd=initrd,
                                        e820=bootparams.e820_map(self.mem))
         cpu.write_boot_tables(self.mem)
 
@@ -344,6 +383,7 @@ class Machine:
             console = threading.Thread(target=self._console_thread, name="console", daemon=True)
             console.start()
         self.times["run"] = time.monotonic()
+        self.io.start()
         for loop in self.loops:
             loop.start()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -360,6 +400,7 @@ class Machine:
             self.stop()
             for loop in self.loops:
                 loop.thread.join()
+            self.io.stop()
             if console is not None:
                 native().lib.shim_tx_close(self._txbuf)
                 os.eventfd_write(self._tx_event, 1)
