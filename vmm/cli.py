@@ -22,11 +22,6 @@ T0 = time.monotonic()
 EXIT_VMM_ERROR = 1
 EXIT_USAGE = 2
 
-#: Kernel command line for a microVM: serial console, reset through the i8042 (the only
-#: reset line we model), reboot immediately on panic (pyvmm reports it), no PCI.
-DEFAULT_CMDLINE = ("console=ttyS0 reboot=k panic=-1 pci=off nomodule nokaslr 8250.nr_uarts=1 "
-                   "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd")
-
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
@@ -176,23 +171,14 @@ def boot(args) -> int:
     if cpus > 1:
         raise UsageError("--cpus: SMP guests are not supported yet (issue #6); use --cpus 1")
 
-    quirks_profile = None
-    cmdline = ""
-    notes = []       # printed once the VM is built, so a bad input error stays one line
+    linux = None
     if not args.raw:
-        from vmm import hostcheck
-        from vmm.cpuprofile import select as select_profile
-        host = hostcheck.probe() if args.cpu_profile == "auto" else None
-        quirks_profile = select_profile(args.cpu_profile, host, cpus)
-        if host is not None and host.emulated:
-            notes.append(f"note: {host.describe()}; using CPU profile '{quirks_profile.name}' "
-                         "(override with --cpu-profile)")
-        if args.cmdline_replace is not None:
-            cmdline = args.cmdline_replace
-        else:
-            root = f"root=/dev/vda {'ro' if disks[0].read_only else 'rw'}" if args.root else ""
-            cmdline = " ".join(x for x in (DEFAULT_CMDLINE, " ".join(quirks_profile.cmdline),
-                                           root, args.cmdline) if x)
+        from vmm import linux as linuxboot
+        root = f"root=/dev/vda {'ro' if disks[0].read_only else 'rw'}" if args.root else None
+        linux = linuxboot.prepare(args.cpu_profile, cpus, root=root, extra=args.cmdline,
+                                  replace=args.cmdline_replace)
+    # Printed once the VM is built, so that a bad-input error stays one line.
+    notes = list(linux.notes) if linux else []
 
     out = ConsoleOutput(log_path=args.console_log)
     status = EXIT_VMM_ERROR
@@ -208,10 +194,10 @@ def boot(args) -> int:
         while True:
             config = MachineConfig(
                 kernel=kernel, mem_size=mem_size, cpus=cpus, kind="raw" if args.raw else "linux",
-                initrd=initrd, cmdline=cmdline, kernel_mode=args.kernel_mode,
+                initrd=initrd, cmdline=linux.cmdline if linux else "", kernel_mode=args.kernel_mode,
                 loop=args.loop or default_loop(), console=out.write, markers=markers, disks=disks)
-            if quirks_profile is not None:
-                config.quirks = quirks_profile.quirks
+            if linux is not None:
+                config.quirks = linux.quirks
             with Machine(config) as machine:
                 interrupted["machine"] = machine
                 if machine.kernel.fallback_reason:

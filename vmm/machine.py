@@ -108,6 +108,9 @@ class MachineConfig:
     markers: dict[bytes, str] = field(default_factory=dict)
     quirks: HostQuirks = field(default_factory=HostQuirks)
     disks: list[DiskConfig] = field(default_factory=list)
+    #: Where bytes the guest writes to the second UART (ttyS1) go; Linux guests only.
+    #: Called on a vCPU thread. Host-to-guest bytes: Machine.serial2.enqueue_input.
+    serial2: Callable[[bytes], None] = lambda data: None
 
 
 class Machine:
@@ -194,6 +197,9 @@ class Machine:
             self.serial.on_state_change = self._sync_serial_fast_path
             self._sync_serial_fast_path()
         self.pio.insert(layout.COM1_PORT, 8, self.serial, "com1")
+        if cfg.kind == "linux":
+            self.serial2 = Serial8250(self._irq(layout.COM2_IRQ), cfg.serial2)
+            self.pio.insert(layout.COM2_PORT, 8, self.serial2, "com2")
         self.pio.insert(layout.I8042_DATA_PORT, 5, I8042(self._guest_reset), "i8042")
         self.pio.insert(layout.CMOS_INDEX_PORT, 2, Cmos(), "cmos")
         self.pio.insert(layout.DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit), "debug-exit")

@@ -61,6 +61,9 @@ KVM_IDENTITY_MAP_ADDR = 0xFFFB_C000
 # --- Legacy I/O ports -----------------------------------------------------------------
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
+#: Second UART (ttyS1): the control channel of disposable guests (vmm/guest.py).
+COM2_PORT = 0x2F8
+COM2_IRQ = 3
 I8042_DATA_PORT = 0x60
 I8042_CMD_PORT = 0x64
 CMOS_INDEX_PORT = 0x70

@@ -1,0 +1,55 @@
+"""What booting Linux needs besides the kernel: its command line and the CPU profile.
+
+Shared by ``pyvmm boot`` and the Python API, so both boot a guest the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vmm.machine import HostQuirks
+
+#: Kernel command line for a microVM: serial console (ttyS0; ttyS1 is the control
+#: channel of disposable guests), reset through the i8042 (the only reset line pyvmm
+#: models), reboot at once on panic (pyvmm reports it), no PCI, no modules, no KASLR
+#: (the kernel runs where it was loaded), and the i8042 options that keep Linux from
+#: probing an AUX port and PNP.
+DEFAULT_CMDLINE = ("console=ttyS0 reboot=k panic=-1 pci=off nomodule nokaslr 8250.nr_uarts=2 "
+                   "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd")
+
+
+@dataclass
+class LinuxSetup:
+    cmdline: str
+    quirks: HostQuirks = field(default_factory=HostQuirks)
+    profile: str = "host"
+    #: Things worth telling the user once (e.g. that the host is emulation-only).
+    notes: list[str] = field(default_factory=list)
+
+
+def prepare(cpu_profile: str = "auto", cpus: int = 1, *, root: str | None = None,
+            extra: str = "", replace: str | None = None) -> LinuxSetup:
+    """The command line and host quirks for a Linux guest on this host.
+
+    Args:
+        cpu_profile: "auto" (probe the host), "host" or "safe" (vmm.cpuprofile).
+        cpus: vCPU count (SMP needs extra options on emulation-only hosts).
+        root: e.g. "root=/dev/vda rw", or None.
+        extra: appended to the default command line.
+        replace: use exactly this command line instead (the CPU profile's quirk
+            handling in the VMM still applies).
+    """
+    from vmm import hostcheck
+    from vmm.cpuprofile import select
+
+    host = hostcheck.probe() if cpu_profile == "auto" else None
+    profile = select(cpu_profile, host, cpus)
+    notes = []
+    if host is not None and host.emulated:
+        notes.append(f"note: {host.describe()}; using CPU profile '{profile.name}' "
+                     "(override with --cpu-profile)")
+    if replace is not None:
+        cmdline = replace
+    else:
+        cmdline = " ".join(x for x in (DEFAULT_CMDLINE, " ".join(profile.cmdline), root or "", extra) if x)
+    return LinuxSetup(cmdline, profile.quirks, profile.name, notes)
