@@ -166,10 +166,10 @@ def boot(args) -> int:
     kvm = Kvm()
     rec, maximum = kvm.max_vcpus()
     kvm.close()
-    if cpus > maximum:
-        raise UsageError(f"--cpus {cpus}: this host's KVM allows at most {maximum} vCPUs")
-    if cpus > 1:
-        raise UsageError("--cpus: SMP guests are not supported yet (issue #6); use --cpus 1")
+    from vmm.arch.x86_64.mptable import MAX_CPUS
+    if cpus > min(maximum, MAX_CPUS):
+        raise UsageError(f"--cpus {cpus}: at most {min(maximum, MAX_CPUS)} vCPUs "
+                         f"(KVM allows {maximum}, pyvmm's MP table {MAX_CPUS})")
 
     linux = None
     if not args.raw:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from vmm import kvm as kvmlib
-from vmm.arch.x86_64 import bootparams, cpu, cpuid, layout
+from vmm.arch.x86_64 import bootparams, cpu, cpuid, layout, mptable
 from vmm.bus import Bus
 from vmm.console import ConsoleWatcher
 from vmm.devices.cmos import Cmos
@@ -247,6 +247,8 @@ class Machine:
                                        cmdline=cmdline, initrd=initrd,
                                        e820=bootparams.e820_map(self.mem))
         cpu.write_boot_tables(self.mem)
+        if cfg.cpus > 1:
+            mptable.write_mptable(self.mem, cfg.cpus)
 
     def _build_vcpus(self) -> None:
         cfg = self.config
@@ -258,6 +260,8 @@ class Machine:
             vcpu.set_cpuid(cpuid.vcpu_cpuid(supported, i, cfg.cpus))
             cpu.setup_msrs(vcpu)
             cpu.setup_lapic(vcpu)
+            # vCPU 0 is the boot CPU; the others stay in KVM's wait-for-SIPI state until
+            # the guest wakes them through its local APIC (INIT, SIPI).
             if i == 0:
                 cpu.setup_long_mode(vcpu, self.kernel.entry, boot_params=self.boot_params_addr)
             loop = VcpuLoop(self, vcpu, cfg.loop)

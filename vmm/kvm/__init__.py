@@ -203,13 +203,17 @@ class Vcpu:
 
     # -- running -------------------------------------------------------------------
     def run(self) -> int:
-        """One KVM_RUN. Returns the exit reason, or KVM_EXIT_INTR if interrupted."""
+        """One KVM_RUN. Returns the exit reason, or KVM_EXIT_INTR if interrupted.
+
+        EAGAIN (an application processor's first KVM_RUN after INIT/SIPI) is treated
+        like EINTR: run again.
+        """
         try:
             fcntl.ioctl(self.fd, K.KVM_RUN, 0)
         except InterruptedError:
             return K.KVM_EXIT_INTR
         except OSError as e:
-            if e.errno == errno.EINTR:
+            if e.errno in (errno.EINTR, errno.EAGAIN):
                 return K.KVM_EXIT_INTR
             raise KvmError(f"KVM_RUN failed on vCPU {self.index}: {e.strerror}") from None
         return int.from_bytes(self.run_page[8:12], "little")

@@ -11,10 +11,12 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 # --- Boot CPU structures written by the VMM (vmm/arch/x86_64/cpu.py) -------------
-#: Global descriptor table: null, 64-bit code, data, TSS (Linux reloads its own).
+#: Global descriptor table: two nulls, 64-bit code (0x10), data (0x18), TSS (0x20);
+#: Linux reloads its own.
 BOOT_GDT_START = 0x500
-#: An empty IDT: any exception before the guest installs its own is a triple fault.
-BOOT_IDT_START = 0x520
+#: An empty IDT (after the GDT's five entries): any exception before the guest
+#: installs its own is a triple fault.
+BOOT_IDT_START = 0x530
 #: Linux boot protocol "zero page" (struct boot_params), pointed to by RSI.
 ZERO_PAGE_START = 0x7000
 #: Initial stack for the boot CPU (grows down, below the page tables).
