@@ -59,8 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the VM after this long")
     b.add_argument("--loop", choices=("shim", "python"), default=None,
                    help="vCPU run loop: the C shim (default) or the pure-Python twin")
-    b.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=ID][,cache=MODE]",
+    b.add_argument("--disk", action="append", default=[],
+                   metavar="PATH[,ro][,snapshot][,serial=ID][,cache=MODE]",
                    help="a virtio-blk disk (repeatable; /dev/vda, /dev/vdb, ... in order); "
+                        "snapshot: the guest may write, but PATH is never modified (writes "
+                        "go to a temporary overlay, discarded when the VM ends); "
                         "cache is writeback (default), none or unsafe (flushes ignored)")
     b.add_argument("--root", action="store_true",
                    help="mount the first --disk as the root filesystem (root=/dev/vda)")
@@ -73,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _disk(spec: str):
-    """``PATH[,ro][,serial=ID][,cache=writeback|none|unsafe]`` -> DiskConfig."""
+    """``PATH[,ro][,snapshot][,serial=ID][,cache=writeback|none|unsafe]`` -> DiskConfig."""
     from vmm.machine import DiskConfig
     path, *opts = spec.split(",")
     if not path:
@@ -85,6 +88,8 @@ def _disk(spec: str):
             disk.read_only = True
         elif opt == "rw":
             disk.read_only = False
+        elif opt == "snapshot":
+            disk.snapshot = True
         elif key == "serial" and value:
             if len(value.encode()) > 20:
                 raise UsageError(f"--disk {spec}: serial is at most 20 bytes")
@@ -93,7 +98,7 @@ def _disk(spec: str):
             disk.cache = value
         else:
             raise UsageError(f"--disk {spec}: unknown option {opt!r} "
-                             "(use ro, serial=ID, cache=writeback|none|unsafe)")
+                             "(use ro, snapshot, serial=ID, cache=writeback|none|unsafe)")
     _check_file(path, "disk")
     return disk
 
@@ -189,6 +194,8 @@ def boot(args) -> int:
         if m is not None:
             m.stop()
 
+    # --timeout covers the whole session, restarts included.
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
     old_term = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         while True:
@@ -214,7 +221,8 @@ def boot(args) -> int:
                 with ConsoleInput(machine.serial.enqueue_input, machine.serial.input_space,
                                   machine.stop, help_):
                     try:
-                        result = machine.run(timeout=args.timeout)
+                        result = machine.run(timeout=None if deadline is None
+                                             else max(deadline - time.monotonic(), 0))
                     except KeyboardInterrupt:
                         machine.stop()
                         result = machine.run()

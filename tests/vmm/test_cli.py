@@ -76,3 +76,17 @@ def test_console_log_and_timings(tiny, tmp_path):
     assert r.returncode == 0
     assert log.read_bytes() == b"Hello from a tiny guest\n"
     assert "first console byte" in r.stderr
+
+
+@requires_kvm
+def test_guest_reset_exits_by_default(tiny):
+    r = pyvmm("boot", "--raw", tiny("reset"))
+    assert (r.returncode, r.stdout) == (0, "resetting\n")
+
+
+@requires_kvm
+def test_on_reboot_restart_boots_again_until_the_timeout(tiny):
+    r = pyvmm("boot", "--raw", tiny("reset"), "--on-reboot", "restart", "--timeout", "2")
+    assert r.returncode == 130
+    assert r.stdout.count("resetting\n") >= 2
+    assert r.stderr.count("restarting") >= 1
