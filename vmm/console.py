@@ -38,8 +38,9 @@ class ConsoleWatcher:
                  markers: dict[bytes, str] | None = None):
         self.sinks = sinks
         self.on_event = on_event
-        self.markers = {POWER_DOWN: "poweroff", HALTED: "poweroff", RESTART: "reboot", PANIC: "panic",
-                        PANIC_END: "panic-end", **(markers or {})}
+        # First match wins: the panic's closing line also contains PANIC.
+        self.markers = {PANIC_END: "panic-end", PANIC: "panic", POWER_DOWN: "poweroff",
+                        HALTED: "poweroff", RESTART: "reboot", **(markers or {})}
         self._line = bytearray()
         self._lock = threading.Lock()   # serialises writers (console thread, vCPU threads)
         self.tail = bytearray()         # the last bytes of output, for error reports
@@ -57,6 +58,7 @@ class ConsoleWatcher:
                         if event == "panic":
                             self.panicked = True
                         self.on_event(event)
+                        break
 
     def _lines(self, data: bytes):
         while data:

@@ -12,6 +12,11 @@ Cache modes (``cache=``):
   sector-aligned host buffers and guest buffers are not necessarily aligned; the
   guest's FLUSH still makes data durable.
 * ``unsafe``: FLUSH completes at once without syncing (for throwaway test disks).
+
+Snapshot disks (``snapshot=True``): the image is opened read-only and shared-locked,
+and the guest's writes go to a copy-on-write overlay (overlay.py) that is an unlinked
+temporary file: the image is never modified, and the overlay vanishes with the VM, also
+on SIGKILL. FLUSH completes at once in every cache mode: nothing is meant to survive.
 """
 
 from __future__ import annotations
@@ -178,22 +183,28 @@ class VirtioBlk:
         serial: the GET_ID answer (at most 20 ASCII bytes); by default one derived
             from the image's device and inode numbers.
         cache: ``writeback``, ``none`` or ``unsafe`` (see the module docstring).
+        snapshot: keep the image unmodified and send writes to a throwaway overlay
+            (see the module docstring). With ``read_only`` it changes nothing: a
+            read-only disk needs no overlay.
     Raises:
         BlockError: the image is missing, a directory, unreadable, locked by another
-            VM, or an option is invalid.
+            VM, no overlay file can be created, or an option is invalid.
     """
 
     device_id = VIRTIO_ID_BLOCK
     queue_max_sizes = (QUEUE_SIZE,)
 
     def __init__(self, path: str | os.PathLike, *, read_only: bool = False,
-                 serial: str | None = None, cache: str = "writeback"):
+                 serial: str | None = None, cache: str = "writeback",
+                 snapshot: bool = False):
         path = os.fspath(path)
         if cache not in CACHE_MODES:
             raise BlockError(f"unknown cache mode {cache!r} (use {', '.join(CACHE_MODES)})")
         self.path = path
         self.read_only = read_only
         self.cache = cache
+        self.snapshot = snapshot and not read_only
+        self._overlay = None
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -204,18 +215,27 @@ class VirtioBlk:
             raise BlockError(f"{path} is a directory, not a disk image")
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise BlockError(f"{path} is not a regular file or block device")
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        # A snapshot's image is only read; its shared lock lets several snapshot or
+        # read-only VMs use one image and keeps read-write VMs off it (and vice versa).
+        writes_image = not read_only and not self.snapshot
+        flags = (os.O_RDWR if writes_image else os.O_RDONLY) | os.O_CLOEXEC
         try:
             self.fd = os.open(path, flags)
         except PermissionError:
-            how = "reading" if read_only else "writing (use a read-only disk?)"
+            how = "writing (use a read-only disk?)" if writes_image else "reading"
             raise BlockError(f"cannot open disk image {path} for {how}: permission denied") \
                 from None
         except OSError as e:
             raise BlockError(f"cannot open disk image {path}: {e.strerror}") from None
         try:
-            _ofd_lock(self.fd, path, exclusive=not read_only)
+            _ofd_lock(self.fd, path, exclusive=writes_image)
             size = os.lseek(self.fd, 0, os.SEEK_END)
+            if self.snapshot:
+                from .overlay import Overlay, OverlayError, overlay_dirs  # imports blk
+                try:
+                    self._overlay = Overlay(self.fd, size, overlay_dirs(path))
+                except OverlayError as e:
+                    raise BlockError(f"{path}: {e}") from None
         except BaseException:
             os.close(self.fd)
             raise
@@ -231,7 +251,7 @@ class VirtioBlk:
         except UnicodeEncodeError:
             sid = b""
         if not sid and serial or len(sid) > VIRTIO_BLK_ID_BYTES:
-            os.close(self.fd)
+            self.close()
             raise BlockError(f"disk serial {serial!r} must be at most 20 ASCII characters")
         self._serial = sid.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
 
@@ -268,7 +288,10 @@ class VirtioBlk:
 
     # -- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
-        """Close the image (this also drops the lock on it)."""
+        """Close the image (this also drops the lock on it) and discard the overlay."""
+        if self._overlay is not None:
+            self._overlay.close()
+            self._overlay = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -425,7 +448,10 @@ class VirtioBlk:
             return VIRTIO_BLK_S_IOERR, 0
         views = self._views(segs)
         try:
-            done = _full_io(os.preadv, self.fd, views, sector << SECTOR_SHIFT)
+            if self._overlay is not None:
+                done = self._overlay.readv(views, sector << SECTOR_SHIFT)
+            else:
+                done = _full_io(os.preadv, self.fd, views, sector << SECTOR_SHIFT)
         except OSError as e:
             self._log_once(("read", e.errno), "read error: %s", e.strerror)
             return VIRTIO_BLK_S_IOERR, 0
@@ -443,7 +469,10 @@ class VirtioBlk:
             return VIRTIO_BLK_S_IOERR
         views = self._views(segs)
         try:
-            done = _full_io(os.pwritev, self.fd, views, sector << SECTOR_SHIFT)
+            if self._overlay is not None:
+                done = self._overlay.writev(views, sector << SECTOR_SHIFT)
+            else:
+                done = _full_io(os.pwritev, self.fd, views, sector << SECTOR_SHIFT)
         except OSError as e:
             self._log_once(("write", e.errno), "write error: %s", e.strerror)
             return VIRTIO_BLK_S_IOERR
@@ -452,8 +481,9 @@ class VirtioBlk:
         return VIRTIO_BLK_S_OK if done == nbytes else VIRTIO_BLK_S_IOERR
 
     def _flush(self) -> int:
-        # §5.2.6.2: data written before a completed FLUSH is on stable storage.
-        if self.cache == "unsafe":
+        # §5.2.6.2: data written before a completed FLUSH is on stable storage. A
+        # snapshot's writes are thrown away with the VM, so there is nothing to keep.
+        if self.cache == "unsafe" or self._overlay is not None:
             return VIRTIO_BLK_S_OK
         try:
             os.fdatasync(self.fd)
@@ -492,7 +522,11 @@ class VirtioBlk:
                 continue
             off, length = sector << SECTOR_SHIFT, num << SECTOR_SHIFT
             try:
-                if rtype == VIRTIO_BLK_T_DISCARD:
+                if self._overlay is not None:
+                    # Discard too reads back as zeros here (allowed by §5.2.6.2, and
+                    # deterministic): the overlay cannot "deallocate" back to the base.
+                    self._overlay.zero(off, length)
+                elif rtype == VIRTIO_BLK_T_DISCARD:
                     self._punch(off, length, required=False)
                 elif flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
                     self._punch(off, length, required=True)

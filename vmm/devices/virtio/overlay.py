@@ -1,0 +1,257 @@
+"""Copy-on-write overlay over a read-only base image ("snapshot" disks).
+
+The base image is only ever read. Every write goes to an *unlinked* temporary file of
+the same size (sparse), and a bitmap records which blocks of ``BLOCK_SIZE`` bytes live
+in the overlay. Nothing the guest writes survives the VM, and nothing is left behind on
+the host: the overlay file never has a name (``O_TMPFILE``), or loses it at once
+(``mkstemp`` + ``unlink`` where the filesystem lacks ``O_TMPFILE``), so the kernel frees
+it when the last fd closes -- also when the VMM is killed with SIGKILL.
+
+* Reads are split into runs of blocks that are all in the overlay or all in the base,
+  and each run is one ``preadv`` straight into the caller's buffers (views of guest
+  memory); no data is copied through Python objects.
+* Writes go to the overlay with ``pwritev``. Requests are sector (512-byte) aligned,
+  not block aligned, so a write that covers a block only partly first copies that block
+  from the base ("copy-up"); then the block's bit is set.
+* Zeroing (DISCARD / WRITE_ZEROES) copies up partial edge blocks, punches a hole in the
+  overlay (or writes zeros), and marks the blocks: afterwards reads return zeros.
+* Nothing needs to survive, so there is nothing to flush: callers skip fdatasync.
+
+Memory is bounded by the image size: the bitmap holds one bit per block
+(size / 32 KiB bytes: 32 MiB for a 1 TiB image). Disk use of the overlay is bounded by
+what the guest writes, at most the image size.
+
+Thread-safety: an Overlay is not locked. virtio-blk serves a device's requests on the
+VMM's one I/O thread, serialised by the transport's ``_io_lock`` (see mmio.py,
+"Locking"), so no two calls run at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+
+from .blk import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, _full_io, fallocate
+
+#: Copy-on-write granularity: the usual page and filesystem block size, and virtio-blk's
+#: discard_sector_alignment, so a Linux guest's writes are mostly whole blocks.
+BLOCK_SHIFT = 12
+BLOCK_SIZE = 1 << BLOCK_SHIFT
+
+#: Name prefix of an overlay file in the short window before ``unlink`` (mkstemp path).
+TEMP_PREFIX = ".pyvmm-overlay-"
+
+# errnos of open(O_TMPFILE) that mean "this filesystem or kernel cannot", not "no access".
+_NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT)
+
+
+class OverlayError(Exception):
+    """No overlay file could be created (one line, meant for the user)."""
+
+
+def _open_unlinked(directory: str) -> int:
+    """An fd on a new, nameless, empty file in ``directory``. Raises OSError."""
+    flags = os.O_RDWR | os.O_CLOEXEC
+    tmpfile = getattr(os, "O_TMPFILE", 0)
+    if tmpfile:
+        try:
+            return os.open(directory, flags | tmpfile, 0o600)
+        except OSError as e:
+            if e.errno not in _NO_TMPFILE:
+                raise
+    # No O_TMPFILE: create and unlink at once. A SIGKILL between the two (a few
+    # microseconds) would leave a file named TEMP_PREFIX* behind; nothing else can.
+    fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
+    try:
+        os.unlink(name)  # (mkstemp's fd is already close-on-exec: PEP 446)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def overlay_dirs(base_path: str) -> list[str]:
+    """Where an overlay for ``base_path`` may go, best first: the base's own directory
+    (usually a disk filesystem with room for an image), then $TMPDIR (often tmpfs: RAM)."""
+    dirs = [os.path.dirname(os.path.abspath(base_path)), tempfile.gettempdir()]
+    return list(dict.fromkeys(dirs))
+
+
+class Overlay:
+    """A copy-on-write layer over ``base_fd`` (which it reads, never writes or closes).
+
+    Args:
+        base_fd: the base image, open for reading.
+        size: the base's size in bytes (the overlay has the same).
+        dirs: directories to try for the overlay file, in order.
+    Raises:
+        OverlayError: no directory could hold the overlay file.
+    """
+
+    def __init__(self, base_fd: int, size: int, dirs: list[str]):
+        self.base_fd = base_fd
+        self.size = size
+        self.nblocks = -(-size // BLOCK_SIZE)
+        #: Bit b set: block b's current contents are in the overlay file.
+        self.bitmap = bytearray(-(-self.nblocks // 8))
+        self.fd = -1
+        errors = []
+        for d in dirs:
+            try:
+                fd = _open_unlinked(d)
+            except OSError as e:
+                errors.append(f"{d}: {e.strerror}")
+                continue
+            try:
+                os.ftruncate(fd, size)  # sparse: takes no space until written
+            except OSError as e:
+                os.close(fd)
+                errors.append(f"{d}: {e.strerror}")
+                continue
+            self.fd = fd
+            self.directory = d
+            break
+        else:
+            raise OverlayError("cannot create a snapshot overlay file ("
+                               + "; ".join(errors) + "); set TMPDIR to a writable directory")
+
+    def close(self) -> None:
+        """Close the overlay file; the kernel frees it (it has no name)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "Overlay":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the bitmap --------------------------------------------------------------------
+    def present(self, block: int) -> bool:
+        return bool(self.bitmap[block >> 3] >> (block & 7) & 1)
+
+    def _mark(self, lo: int, hi: int) -> None:
+        """Set the bits of blocks [lo, hi)."""
+        bm = self.bitmap
+        while lo < hi and lo & 7:
+            bm[lo >> 3] |= 1 << (lo & 7)
+            lo += 1
+        if lo + 8 <= hi:  # whole bytes at once (a 4 GiB discard is 16 KiB of bitmap)
+            bm[lo >> 3:hi >> 3] = b"\xff" * ((hi >> 3) - (lo >> 3))
+            lo = hi & ~7
+        while lo < hi:
+            bm[lo >> 3] |= 1 << (lo & 7)
+            lo += 1
+
+    def runs(self, lo: int, hi: int):
+        """Yield ``(start, end, in_overlay)`` for maximal runs of blocks in [lo, hi)."""
+        bm = self.bitmap
+        i = lo
+        while i < hi:
+            here = self.present(i)
+            j = i + 1
+            while j < hi and j & 7 and self.present(j) == here:
+                j += 1
+            if j < hi and not j & 7 and self.present(j) == here:
+                # Skip whole bytes of 0x00 / 0xff, then finish bit by bit.
+                chunk = bytes(bm[j >> 3:hi >> 3])
+                j += 8 * (len(chunk) - len(chunk.lstrip(b"\xff" if here else b"\x00")))
+                while j < hi and self.present(j) == here:
+                    j += 1
+            yield i, j, here
+            i = j
+
+    # -- I/O ---------------------------------------------------------------------------
+    def readv(self, views: list[memoryview], offset: int) -> int:
+        """Read ``sum(len(views))`` bytes at ``offset`` into ``views``; bytes read (less
+        only at the end of the base). Raises OSError."""
+        nbytes = sum(len(v) for v in views)
+        if nbytes == 0:
+            return 0
+        end = offset + nbytes
+        total = 0
+        for b0, b1, here in self.runs(offset >> BLOCK_SHIFT,
+                                      ((end - 1) >> BLOCK_SHIFT) + 1):
+            lo = max(offset, b0 << BLOCK_SHIFT)
+            hi = min(end, b1 << BLOCK_SHIFT)
+            part = _sub_views(views, lo - offset, hi - lo)
+            n = _full_io(os.preadv, self.fd if here else self.base_fd, part, lo)
+            total += n
+            if n != hi - lo:
+                break
+        return total
+
+    def writev(self, views: list[memoryview], offset: int) -> int:
+        """Write ``views`` at ``offset`` into the overlay; bytes written. Raises OSError."""
+        nbytes = sum(len(v) for v in views)
+        if nbytes == 0:
+            return 0
+        self._copy_up_edges(offset, nbytes)
+        n = _full_io(os.pwritev, self.fd, views, offset)
+        if n == nbytes:
+            self._mark(offset >> BLOCK_SHIFT, ((offset + nbytes - 1) >> BLOCK_SHIFT) + 1)
+        return n
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) read as zeros. Raises OSError."""
+        if length <= 0:
+            return
+        self._copy_up_edges(offset, length)
+        try:
+            # Frees the overlay's space too; partial blocks at the edges are zeroed.
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            _write_zeros(self.fd, offset, length)
+        self._mark(offset >> BLOCK_SHIFT, ((offset + length - 1) >> BLOCK_SHIFT) + 1)
+
+    def _copy_up_edges(self, offset: int, length: int) -> None:
+        """Copy the first and last block of [offset, offset+length) into the overlay if
+        the range covers them only partly and they are still in the base."""
+        end = offset + length
+        first, last = offset >> BLOCK_SHIFT, (end - 1) >> BLOCK_SHIFT
+        if offset & (BLOCK_SIZE - 1):
+            self._copy_up(first)
+        if end < min((last + 1) << BLOCK_SHIFT, self.size):
+            self._copy_up(last)
+
+    def _copy_up(self, block: int) -> None:
+        if self.present(block):
+            return
+        start = block << BLOCK_SHIFT
+        n = min(BLOCK_SIZE, self.size - start)
+        data = os.pread(self.base_fd, n, start)  # one block: small enough to hold
+        if len(data) != n:
+            raise OSError(errno.EIO, "base image shrank")
+        if os.pwrite(self.fd, data, start) != n:
+            raise OSError(errno.EIO, "short write to the overlay")
+        self._mark(block, block + 1)
+
+
+def _sub_views(views: list[memoryview], start: int, length: int) -> list[memoryview]:
+    """Views of bytes [start, start+length) of the concatenation of ``views``."""
+    out = []
+    pos = 0
+    end = start + length
+    for v in views:
+        n = len(v)
+        lo, hi = max(start, pos), min(end, pos + n)
+        if lo < hi:
+            out.append(v[lo - pos:hi - pos])
+        pos += n
+        if pos >= end:
+            break
+    return out
+
+
+def _write_zeros(fd: int, offset: int, length: int) -> None:
+    chunk = memoryview(bytes(min(length, 1 << 20)))
+    end = offset + length
+    while offset < end:
+        n = os.pwrite(fd, chunk[:min(len(chunk), end - offset)], offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write to the overlay")
+        offset += n
