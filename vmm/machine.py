@@ -82,11 +82,14 @@ class HostQuirks:
 
 @dataclass
 class DiskConfig:
-    """One virtio-blk disk (the CLI's ``--disk PATH[,ro][,serial=ID][,cache=MODE]``)."""
+    """One virtio-blk disk (the CLI's
+    ``--disk PATH[,ro][,snapshot][,serial=ID][,cache=MODE]``)."""
     path: Path
     read_only: bool = False
     serial: str | None = None
     cache: str = "writeback"
+    #: Writes go to a throwaway overlay; the image itself is never modified.
+    snapshot: bool = False
 
 
 @dataclass
@@ -221,7 +224,8 @@ class Machine:
         for i, disk in enumerate(self.config.disks):
             base = layout.VIRTIO_MMIO_START + i * layout.VIRTIO_MMIO_SIZE
             irq = layout.VIRTIO_IRQ_BASE + i
-            blk = VirtioBlk(disk.path, read_only=disk.read_only, serial=disk.serial, cache=disk.cache)
+            blk = VirtioBlk(disk.path, read_only=disk.read_only, serial=disk.serial, cache=disk.cache,
+                            snapshot=disk.snapshot)
             self._closers.append(blk.close)
             self.disks.append(blk)
             transport = VirtioMmioTransport(blk, self.mem, self._irq(irq))
