@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--on-reboot", choices=("exit", "restart"), default="exit",
                    help="what a guest reboot does (default: exit)")
     b.add_argument("--console-log", metavar="FILE", help="also write guest console output to FILE")
+    b.add_argument("--system-map", metavar="FILE",
+                   help="System.map naming kernel functions in crash diagnostics")
     b.add_argument("--timings", action="store_true", help="print a table of boot phases at exit")
     b.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the VM after this long")
     b.add_argument("--loop", choices=("shim", "python"), default=None,
@@ -162,6 +164,7 @@ def boot(args) -> int:
     else:
         kernel = _check_file(args.kernel, "kernel")
         initrd = _check_file(args.initrd, "initrd") if args.initrd else None
+    system_map = _check_file(args.system_map, "System.map") if args.system_map else None
     if args.raw and (args.initrd or args.cmdline or args.cmdline_replace):
         raise UsageError("--raw guests take no --initrd or kernel command line")
     disks = [_disk(spec) for spec in args.disk]
@@ -202,7 +205,8 @@ def boot(args) -> int:
             config = MachineConfig(
                 kernel=kernel, mem_size=mem_size, cpus=cpus, kind="raw" if args.raw else "linux",
                 initrd=initrd, cmdline=linux.cmdline if linux else "", kernel_mode=args.kernel_mode,
-                loop=args.loop or default_loop(), console=out.write, markers=markers, disks=disks)
+                loop=args.loop or default_loop(), console=out.write, markers=markers, disks=disks,
+                system_map=system_map)
             if linux is not None:
                 config.quirks = linux.quirks
             with Machine(config) as machine:

@@ -30,7 +30,7 @@ from vmm.devices.virtio.mmio import QUEUE_NOTIFY_OFFSET, VirtioMmioTransport, ke
 from vmm.iothread import IoThread
 from vmm.kvm import exits as X
 from vmm.kvm import ioctls as K
-from vmm.loader import load_initrd, load_kernel
+from vmm.loader import SymbolTable, load_initrd, load_kernel
 from vmm.memory import GuestMemory
 from vmm.vcpu import VcpuLoop, default_loop, install_kick_handler, native
 
@@ -111,6 +111,9 @@ class MachineConfig:
     markers: dict[bytes, str] = field(default_factory=dict)
     quirks: HostQuirks = field(default_factory=HostQuirks)
     disks: list[DiskConfig] = field(default_factory=list)
+    #: System.map naming kernel functions in diagnostics (default: the ELF's own
+    #: symbols, or a System.map beside the kernel file).
+    system_map: Path | None = None
     #: Where bytes the guest writes to the second UART (ttyS1) go; Linux guests only.
     #: Called on a vCPU thread. Host-to-guest bytes: Machine.serial2.enqueue_input.
     serial2: Callable[[bytes], None] = lambda data: None
@@ -329,13 +332,20 @@ class Machine:
             return
         insn = ex.insn.hex(" ") if ex.insn else "unknown"
         where = f"RIP {regs.rip:#x}"
-        symbols = getattr(self.kernel, "symbols", None)
-        name = symbols.lookup(regs.rip) if symbols else None
+        name = self.kernel_symbol(regs.rip)
         if name:
             where += f" ({name})"
         self.request_exit(ExitReason.EMULATION_FAILURE,
                           detail=f"vCPU {vcpu.index}: KVM could not emulate the instruction at "
                                  f"{where} (bytes: {insn}; suberror {ex.suberror})")
+
+    def kernel_symbol(self, addr: int) -> str | None:
+        """``function+offset/size`` for a guest code address, when symbols are known."""
+        if self.config.system_map is not None:
+            symbols = SymbolTable.from_system_map(self.config.system_map)
+        else:
+            symbols = self.kernel.symbols
+        return symbols.lookup(addr) if symbols else None
 
     def _unexpected(self, vcpu, ex) -> None:
         self.request_exit(ExitReason.ERROR, detail=f"vCPU {vcpu.index}: unexpected exit {ex}")

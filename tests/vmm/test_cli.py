@@ -90,3 +90,18 @@ def test_on_reboot_restart_boots_again_until_the_timeout(tiny):
     assert r.returncode == 130
     assert r.stdout.count("resetting\n") >= 2
     assert r.stderr.count("restarting") >= 1
+
+
+@requires_kvm
+def test_emulation_failure_names_the_symbol_from_a_system_map(tiny, tmp_path):
+    from vmm import hostcheck
+    if not hostcheck.probe().emulated:
+        pytest.skip("hardware-assisted KVM executes popcnt natively")
+    guest = tiny("popcnt")
+    nm = subprocess.run(["nm", str(guest)], capture_output=True, text=True, check=True).stdout
+    entry = next(line.split()[0] for line in nm.splitlines() if line.endswith(" _start"))
+    system_map = tmp_path / "System.map"
+    system_map.write_text(f"{entry} T renamed_entry\n")
+    r = pyvmm("boot", "--raw", guest, "--system-map", system_map)
+    assert r.returncode == 5
+    assert "renamed_entry+0x7" in r.stderr and "f3 48 0f b8" in r.stderr
