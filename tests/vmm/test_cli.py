@@ -101,7 +101,8 @@ def test_emulation_failure_names_the_symbol_from_a_system_map(tiny, tmp_path):
     nm = subprocess.run(["nm", str(guest)], capture_output=True, text=True, check=True).stdout
     entry = next(line.split()[0] for line in nm.splitlines() if line.endswith(" _start"))
     system_map = tmp_path / "System.map"
-    system_map.write_text(f"{entry} T renamed_entry\n")
+    end = f"{int(entry, 16) + 0x100:016x}"       # System.map sizes come from the next symbol
+    system_map.write_text(f"{entry} T renamed_entry\n{end} T _etext\n")
     r = pyvmm("boot", "--raw", guest, "--system-map", system_map)
     assert r.returncode == 5
     assert "renamed_entry+0x7" in r.stderr and "f3 48 0f b8" in r.stderr
