@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from vmm import __version__
+from vmm import __version__, runcli
 
 T0 = time.monotonic()
 
@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("source", help="host directory to copy into the image ('-' for an empty filesystem)")
     m.add_argument("image", help="image file to create")
     m.add_argument("--size", help="image size, e.g. 64M (default: the directory's size plus room)")
+
+    runcli.add_parser(sub)
     return p
 
 
@@ -314,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     from vmm.tinyguest import TinyGuestError
     user_errors = (UsageError, LoaderError, TinyGuestError, BlockError, ImageError)
     try:
+        if args.command == "run":
+            return runcli.run(args)
         if args.command == "mkfs":
             return mkfs(args)
         return boot(args)

@@ -4,7 +4,9 @@ The kernel is Debian's ``linux-source-6.1`` configured from ``make tinyconfig`` 
 fragment ``guests/linux/pyvmm.config``, with the patches in ``guests/linux/patches``
 applied (one of them lets user space make system calls on emulation-only nested KVM
 hosts: see shared/HOST-KVM.md and the patch itself). The initramfs is an *uncompressed*
-newc cpio holding Debian's static busybox, its applet links and ``guests/initramfs/init``.
+newc cpio holding Debian's static busybox, its applet links, ``guests/initramfs/init`` and
+``/bin/pyvmm-agent`` (``guests/agent/agent.c``, compiled here with ``gcc -static -Os``: the
+command runner of disposable guests, docs/disposable-guests.md).
 
 Everything is built outside the repository, in the cache directory::
 
@@ -19,7 +21,7 @@ Everything is built outside the repository, in the cache directory::
 
 ``<key>`` is a truncated sha256 of every input (source package version, fragment,
 patches, compression, :data:`BUILD_RECIPE_VERSION`; for the initramfs: the init script
-and the busybox binary), so editing an input selects a fresh directory and old ones
+the busybox binary, the agent's source and the C compiler's version), so editing an input selects a fresh directory and old ones
 can simply be deleted. Result directories appear atomically (built under a temporary
 name, then renamed), so a directory that exists is complete.
 
@@ -58,6 +60,10 @@ EXIT_MARKER = "pyvmm: exit"
 EXIT_MARKER_RE = re.compile(r"pyvmm: exit (\d+)")
 #: Kernel command-line parameter carrying a base64-encoded shell command for /init.
 CMD_PARAM = "pyvmm.cmd"
+#: Kernel command-line word that makes /init start the agent on ttyS1 (vmm/guest.py).
+AGENT_PARAM = "pyvmm.agent"
+#: Where the agent lives in the initramfs.
+AGENT_GUEST_PATH = "bin/pyvmm-agent"
 
 #: Bump when the way things are built changes (not needed for input edits: those are
 #: hashed). Part of every cache key.
@@ -81,6 +87,7 @@ GUESTS_DIR = REPO_ROOT / "guests"
 FRAGMENT_PATH = GUESTS_DIR / "linux" / "pyvmm.config"
 PATCHES_DIR = GUESTS_DIR / "linux" / "patches"
 INIT_SCRIPT_PATH = GUESTS_DIR / "initramfs" / "init"
+AGENT_SOURCE_PATH = GUESTS_DIR / "agent" / "agent.c"
 
 SOURCE_PACKAGE = "linux-source-6.1"
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
@@ -170,14 +177,18 @@ def kernel_cache_key(source_version: str, fragment: bytes,
     })
 
 
-def initramfs_cache_key(init_script: bytes, busybox: bytes) -> str:
-    """Key of the initramfs: the init script and the busybox binary (which also fixes
-    the applet list)."""
+def initramfs_cache_key(init_script: bytes, busybox: bytes, agent_source: bytes = b"",
+                        compiler: str = "") -> str:
+    """Key of the initramfs: the init script, the busybox binary (which also fixes
+    the applet list), and the agent's C source and the compiler that builds it (its
+    ``gcc --version`` line)."""
     return _digest({
         "recipe": BUILD_RECIPE_VERSION,
         "what": "initramfs",
         "init": _sha256(init_script),
         "busybox": _sha256(busybox),
+        "agent": _sha256(agent_source),
+        "cc": compiler,
     })
 
 
@@ -515,7 +526,8 @@ def build_initramfs() -> Path:
 
     An uncompressed newc cpio (the guest would otherwise spend minutes of interpreted
     ring-0 time inflating it) containing: ``/init`` (guests/initramfs/init), the
-    static ``/bin/busybox``, a symlink to it for every applet, and empty mount points.
+    static ``/bin/busybox``, a symlink to it for every applet, ``/bin/pyvmm-agent``
+    (guests/agent/agent.c, compiled static with ``$CC``/gcc), and empty mount points.
     Written with ``cpio -o -H newc``; no root needed (no device nodes: the kernel's
     built-in initramfs supplies ``/dev/console`` and /init mounts devtmpfs).
 
@@ -523,7 +535,8 @@ def build_initramfs() -> Path:
         Path of ``initramfs.cpio`` in the cache.
 
     Raises:
-        GuestBuildError: busybox missing or not static, or cpio failed.
+        GuestBuildError: busybox missing or not static, the agent did not compile,
+            or cpio failed.
     """
     busybox = _busybox_path()
     if not busybox.is_file():
@@ -534,7 +547,9 @@ def build_initramfs() -> Path:
         raise GuestBuildError(f"{busybox} is not a static x86-64 executable; install "
                               f"busybox-static ({_SETUP_HINT})")
     init_data = INIT_SCRIPT_PATH.read_bytes()
-    key = initramfs_cache_key(init_data, bb_data)
+    agent_src = AGENT_SOURCE_PATH.read_bytes()
+    cc = _compiler()
+    key = initramfs_cache_key(init_data, bb_data, agent_src, cc[1])
     root = cache_dir()
     out = root / f"initramfs-{key}"
     result = out / "initramfs.cpio"
@@ -548,6 +563,7 @@ def build_initramfs() -> Path:
         _remove_stale(root, f"initramfs-{key}")
         tmp = Path(tempfile.mkdtemp(prefix=f"initramfs-{key}.tmp-", dir=root))
         stage = tmp / "stage"
+        _build_agent(cc[0], stage / AGENT_GUEST_PATH, tmp)  # before the mtimes are fixed
         _stage_initramfs(stage, busybox, init_data)
         names = sorted(str(p.relative_to(stage)) for p in stage.rglob("*"))
         with open(tmp / "initramfs.cpio", "wb") as f:
@@ -561,6 +577,37 @@ def build_initramfs() -> Path:
         shutil.rmtree(stage)
         _publish(tmp, out)
     return result
+
+
+def _compiler() -> tuple[str, str]:
+    """The C compiler for the agent (``$CC`` or gcc) and its version line (cache key).
+
+    Raises:
+        GuestBuildError: no compiler.
+    """
+    cc = os.environ.get("CC") or "gcc"
+    try:
+        out = subprocess.run([cc, "--version"], capture_output=True, text=True,
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise GuestBuildError(f"cannot run the C compiler {cc!r} to build the guest agent "
+                              f"({e}); {_SETUP_HINT}") from e
+    return cc, (out.splitlines() or [""])[0]
+
+
+def _build_agent(cc: str, dest: Path, workdir: Path) -> None:
+    """Compile guests/agent/agent.c into a static, stripped ``dest``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [cc, "-static", "-Os", "-s", "-Wall", "-o", str(dest), str(AGENT_SOURCE_PATH)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+    if proc.returncode != 0:
+        err = (proc.stderr.strip().splitlines() or [str(proc.returncode)])[-1]
+        raise GuestBuildError(f"building the guest agent failed ({' '.join(cmd)}): {err}; "
+                              "static linking needs the C library's static archive "
+                              f"(libc6-dev); {_SETUP_HINT}")
+    if not is_static_elf(dest.read_bytes()):
+        raise GuestBuildError(f"{cc} did not produce a static executable for the guest agent")
+    dest.chmod(0o755)
 
 
 def _stage_initramfs(stage: Path, busybox: Path, init_data: bytes) -> None:

@@ -1,0 +1,321 @@
+/*
+ * pyvmm-agent: runs commands for the host over the guest's second UART (ttyS1).
+ *
+ * Started by /init when the kernel command line has `pyvmm.agent`. Frames, both ways:
+ *
+ *     type: u8 | length: u32 little-endian | payload: `length` bytes
+ *
+ * host -> guest
+ *   'R' RUN      u32 argc, u32 envc, then NUL-terminated strings: workdir ("" = keep),
+ *                argv[0..argc), env[0..envc) as "KEY=VALUE"
+ * guest -> host
+ *   'Y' READY    payload "pyvmm-agent 1" (protocol version); sent once at start
+ *   'O' STDOUT   a chunk of the command's standard output, as it comes
+ *   'E' STDERR   a chunk of its standard error
+ *   'X' EXIT     u8 how (0: exited, 1: killed by a signal), i32 code (status / signal)
+ *
+ * One command at a time: RUN -> any number of O/E -> one X; then the next RUN.
+ * The command gets stdin = /dev/null and two pipes; argv[0] is looked up in PATH
+ * (a failed exec reports status 127 and a message on its stderr, as shells do).
+ * Processes it leaves behind keep running; the agent is a child subreaper and reaps
+ * every orphan. Kernel messages stay on ttyS0 (the console); the agent never writes
+ * there except its own diagnostics on stderr.
+ *
+ * Built with `gcc -static -Os` by vmm/guestbuild.py. Kept small: each system call costs
+ * interpreted ring-0 time on emulation-only KVM hosts, so the agent reads and writes in
+ * big chunks and sleeps in poll() rather than looping.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <unistd.h>
+
+#define T_RUN 'R'
+#define T_READY 'Y'
+#define T_STDOUT 'O'
+#define T_STDERR 'E'
+#define T_EXIT 'X'
+
+#define MAX_PAYLOAD (1u << 20) /* bound on what the host may send in one frame */
+#define CHUNK 4096
+
+static int chan = -1;
+static int sigpipe_fds[2];
+
+static void die(const char *what)
+{
+	fprintf(stderr, "pyvmm-agent: %s: %s\n", what, strerror(errno));
+	exit(1);
+}
+
+static void write_all(int fd, const void *buf, size_t n)
+{
+	const char *p = buf;
+	while (n) {
+		ssize_t w = write(fd, p, n);
+		if (w < 0) {
+			if (errno == EINTR || errno == EAGAIN)
+				continue;
+			die("write to channel");
+		}
+		p += w;
+		n -= (size_t)w;
+	}
+}
+
+static void read_all(int fd, void *buf, size_t n)
+{
+	char *p = buf;
+	while (n) {
+		ssize_t r = read(fd, p, n);
+		if (r == 0) {
+			fprintf(stderr, "pyvmm-agent: channel closed\n");
+			exit(1);
+		}
+		if (r < 0) {
+			if (errno == EINTR || errno == EAGAIN)
+				continue;
+			die("read from channel");
+		}
+		p += r;
+		n -= (size_t)r;
+	}
+}
+
+static void send_frame(uint8_t type, const void *payload, uint32_t len)
+{
+	/* One write per frame when it fits: fewer system calls. */
+	static char buf[5 + CHUNK];
+	buf[0] = (char)type;
+	buf[1] = (char)(len & 0xff);
+	buf[2] = (char)((len >> 8) & 0xff);
+	buf[3] = (char)((len >> 16) & 0xff);
+	buf[4] = (char)((len >> 24) & 0xff);
+	if (len <= CHUNK) {
+		memcpy(buf + 5, payload, len);
+		write_all(chan, buf, 5 + len);
+	} else {
+		write_all(chan, buf, 5);
+		write_all(chan, payload, len);
+	}
+}
+
+static uint32_t le32(const unsigned char *p)
+{
+	return p[0] | p[1] << 8 | p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static void on_sigchld(int sig)
+{
+	int saved = errno;
+	(void)sig;
+	(void)!write(sigpipe_fds[1], "c", 1);
+	errno = saved;
+}
+
+/* Split `n` NUL-terminated strings off payload[*off..len); NULL if malformed. */
+static char **take_strings(char *payload, uint32_t len, uint32_t *off, uint32_t n)
+{
+	char **v;
+	uint32_t i;
+	if (n > len) /* each string takes at least its NUL */
+		return NULL;
+	v = calloc(n + 1, sizeof(char *));
+	if (!v)
+		return NULL;
+	for (i = 0; i < n; i++) {
+		char *end = memchr(payload + *off, '\0', len - *off);
+		if (!end) {
+			free(v);
+			return NULL;
+		}
+		v[i] = payload + *off;
+		*off = (uint32_t)(end - payload) + 1;
+	}
+	return v;
+}
+
+/* Forward what is readable on *fd as `type` frames; close it at EOF. Returns bytes read. */
+static ssize_t forward(int *fd, uint8_t type)
+{
+	static char buf[CHUNK];
+	ssize_t r = read(*fd, buf, sizeof buf);
+	if (r > 0) {
+		send_frame(type, buf, (uint32_t)r);
+	} else if (r == 0 || (errno != EINTR && errno != EAGAIN)) {
+		close(*fd);
+		*fd = -1;
+	}
+	return r;
+}
+
+static void run_command(char *payload, uint32_t len)
+{
+	uint32_t off = 8, argc, envc, i;
+	char *workdir, **argv, **envv;
+	int out[2], err[2], status = 0, done = 0;
+	unsigned char exit_payload[5];
+	pid_t pid;
+
+	if (len < 9)
+		goto bad;
+	argc = le32((unsigned char *)payload);
+	envc = le32((unsigned char *)payload + 4);
+	workdir = payload + off;
+	if (!memchr(workdir, '\0', len - off))
+		goto bad;
+	off += (uint32_t)strlen(workdir) + 1;
+	argv = take_strings(payload, len, &off, argc);
+	envv = argv ? take_strings(payload, len, &off, envc) : NULL;
+	if (!argv || !envv || argc == 0)
+		goto bad;
+
+	if (pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0)
+		die("pipe");
+	pid = fork();
+	if (pid < 0)
+		die("fork");
+	if (pid == 0) {
+		int null = open("/dev/null", O_RDONLY);
+		dup2(null, 0);
+		dup2(out[1], 1);
+		dup2(err[1], 2);
+		signal(SIGCHLD, SIG_DFL);
+		signal(SIGPIPE, SIG_DFL);
+		setsid(); /* its own session: no controlling tty, own process group */
+		for (i = 0; i < envc; i++)
+			putenv(envv[i]);
+		if (workdir[0] && chdir(workdir) < 0) {
+			fprintf(stderr, "pyvmm-agent: cannot change directory to %s: %s\n",
+				workdir, strerror(errno));
+			_exit(126);
+		}
+		execvp(argv[0], argv);
+		fprintf(stderr, "pyvmm-agent: cannot run %s: %s\n", argv[0], strerror(errno));
+		_exit(errno == ENOENT ? 127 : 126);
+	}
+	free(argv);
+	free(envv);
+	close(out[1]);
+	close(err[1]);
+
+	/* Stream until the command has exited; then send what is left in the pipes
+	 * (a background process that keeps them open must not hold up the EXIT). */
+	while (!done) {
+		struct pollfd p[3] = {{out[0], POLLIN, 0}, {err[0], POLLIN, 0},
+				      {sigpipe_fds[0], POLLIN, 0}};
+		if (poll(p, 3, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			die("poll");
+		}
+		if (p[0].revents)
+			forward(&out[0], T_STDOUT);
+		if (p[1].revents)
+			forward(&err[0], T_STDERR);
+		if (p[2].revents) {
+			char c[64];
+			pid_t w;
+			int st;
+			(void)!read(sigpipe_fds[0], c, sizeof c);
+			while ((w = waitpid(-1, &st, WNOHANG)) > 0)
+				if (w == pid) {
+					status = st;
+					done = 1;
+				}
+		}
+	}
+	for (i = 0; i < 2; i++) {
+		int *fd = i ? &err[0] : &out[0];
+		if (*fd < 0)
+			continue;
+		fcntl(*fd, F_SETFL, O_NONBLOCK);
+		while (*fd >= 0 && forward(fd, i ? T_STDERR : T_STDOUT) > 0)
+			;
+		if (*fd >= 0)
+			close(*fd);
+	}
+	if (WIFSIGNALED(status)) {
+		exit_payload[0] = 1;
+		status = WTERMSIG(status);
+	} else {
+		exit_payload[0] = 0;
+		status = WEXITSTATUS(status);
+	}
+	memcpy(exit_payload + 1, &status, 4); /* x86-64: little-endian */
+	send_frame(T_EXIT, exit_payload, sizeof exit_payload);
+	return;
+bad:
+	fprintf(stderr, "pyvmm-agent: malformed RUN frame (%u bytes)\n", len);
+	{
+		static const char msg[] = "pyvmm-agent: malformed RUN frame\n";
+		int code = 2;
+		send_frame(T_STDERR, msg, sizeof msg - 1);
+		exit_payload[0] = 0;
+		memcpy(exit_payload + 1, &code, 4);
+		send_frame(T_EXIT, exit_payload, sizeof exit_payload);
+	}
+}
+
+int main(int argc, char **argv)
+{
+	const char *dev = argc > 1 ? argv[1] : "/dev/ttyS1";
+	static const char ready[] = "pyvmm-agent 1";
+	struct termios t;
+	struct sigaction sa;
+
+	chan = open(dev, O_RDWR | O_NOCTTY | O_CLOEXEC);
+	if (chan < 0)
+		die(dev);
+	if (tcgetattr(chan, &t) < 0)
+		die("tcgetattr");
+	cfmakeraw(&t); /* no echo, no line editing, no CR/LF translation, no XON/XOFF */
+	t.c_cflag |= CLOCAL | CREAD;
+	t.c_cc[VMIN] = 1;
+	t.c_cc[VTIME] = 0;
+	cfsetspeed(&t, B115200); /* irrelevant for a virtual UART */
+	if (tcsetattr(chan, TCSANOW, &t) < 0)
+		die("tcsetattr");
+	tcflush(chan, TCIOFLUSH);
+
+	if (pipe2(sigpipe_fds, O_CLOEXEC | O_NONBLOCK) < 0)
+		die("pipe");
+	memset(&sa, 0, sizeof sa);
+	sa.sa_handler = on_sigchld;
+	sa.sa_flags = SA_RESTART | SA_NOCLDSTOP;
+	sigaction(SIGCHLD, &sa, NULL);
+	signal(SIGPIPE, SIG_IGN);
+	prctl(PR_SET_CHILD_SUBREAPER, 1);
+
+	send_frame(T_READY, ready, sizeof ready - 1);
+	for (;;) {
+		unsigned char hdr[5];
+		uint32_t len;
+		char *payload;
+		read_all(chan, hdr, 5);
+		len = le32(hdr + 1);
+		if (len > MAX_PAYLOAD) {
+			fprintf(stderr, "pyvmm-agent: frame of %u bytes refused\n", len);
+			exit(1);
+		}
+		payload = malloc(len + 1);
+		if (!payload)
+			die("malloc");
+		read_all(chan, payload, len);
+		payload[len] = '\0';
+		if (hdr[0] == T_RUN)
+			run_command(payload, len);
+		else
+			fprintf(stderr, "pyvmm-agent: unknown frame type %#x ignored\n", hdr[0]);
+		free(payload);
+	}
+}

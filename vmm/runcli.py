@@ -1,0 +1,228 @@
+"""``pyvmm run [OPTIONS] -- CMD [ARGS...]``: run one command in a disposable guest.
+
+Boots a guest (the default one unless --kernel/--initrd), runs CMD as its only job,
+streams CMD's stdout and stderr to ours (kernel messages stay apart: --console shows
+them on stderr), copies files out, tears the VM down and exits with CMD's status.
+
+Exit status: CMD's own (128 + N if a signal N killed it), else
+  2    bad usage or input (one line on stderr)
+  124  --timeout passed: the guest was stopped (as timeout(1))
+  125  pyvmm or the guest failed (boot failure, guest crash, copy-out failure);
+       the message and the console tail go to stderr
+  130  interrupted (SIGINT, SIGTERM)
+
+Only argparse is imported at module level: vmm.cli imports this module for every
+command, so it must stay cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 124
+EXIT_FAILED = 125
+EXIT_INTERRUPTED = 130
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``run`` command to ``pyvmm``'s subparsers."""
+    r = subparsers.add_parser(
+        "run", help="run one command in a disposable guest and exit with its status",
+        usage="pyvmm run [OPTIONS] -- CMD [ARGS...]",
+        description="Boot a guest, run CMD in it (stdout/stderr streamed, stdin empty), "
+                    "copy files out, tear it down and exit with CMD's exit status "
+                    "(124: --timeout passed; 125: the VM or guest failed).")
+    r.add_argument("--kernel", help="ELF vmlinux or bzImage (default: the project's guest)")
+    r.add_argument("--initrd", help="initramfs with /init and /bin/pyvmm-agent "
+                                    "(default: the project's)")
+    r.add_argument("--mem", default="256M", help="guest RAM (default 256M)")
+    r.add_argument("--disk", action="append", default=[],
+                   metavar="PATH[,ro][,serial=ID][,cache=MODE]",
+                   help="a virtio-blk disk (repeatable): /dev/vda, /dev/vdb, ... in order")
+    r.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="stop the guest if CMD runs longer (exit status 124)")
+    r.add_argument("--boot-timeout", type=float, default=600, metavar="SECONDS",
+                   help="give up if the guest is not ready after this long (default 600)")
+    r.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE",
+                   help="set an environment variable for CMD (repeatable)")
+    r.add_argument("--workdir", "-w", metavar="DIR", help="directory to run CMD in (default /)")
+    r.add_argument("--copy-in", action="append", default=[], metavar="HOSTDIR:GUESTPATH",
+                   help="make a host directory available read-only at GUESTPATH (repeatable)")
+    r.add_argument("--copy-out", action="append", default=[], metavar="GUESTPATH:HOSTPATH",
+                   help="after CMD ends, copy GUESTPATH (file or tree) to HOSTPATH (repeatable)")
+    r.add_argument("--scratch-size", default="256M", metavar="SIZE",
+                   help="size of the scratch disk --copy-out copies through (default 256M)")
+    r.add_argument("--cmdline", default="", help="arguments appended to the kernel command line")
+    r.add_argument("--cpu-profile", choices=("auto", "host", "safe"), default="auto",
+                   help="host, safe, or detect (auto, default); see pyvmm boot --help")
+    r.add_argument("--loop", choices=("shim", "python"), default=None,
+                   help="vCPU run loop: the C shim (default) or the pure-Python twin")
+    r.add_argument("--console", action="store_true",
+                   help="show the guest's console (kernel messages) on stderr")
+    r.add_argument("--console-log", metavar="FILE", help="write the guest's console to FILE")
+    r.add_argument("--timings", action="store_true",
+                   help="print boot / command / teardown times on stderr at the end")
+    r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
+                   help="the command and its arguments, exec'd as given (no shell)")
+    return r
+
+
+def _write_fd(fd: int, data: bytes) -> None:
+    import os
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BrokenPipeError:
+            return
+
+
+def run(args) -> int:
+    """Run ``pyvmm run``; returns the exit status (never raises for user errors)."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from vmm.cli import UsageError, _disk, _mem
+    from vmm.guest import Guest, GuestError, GuestTimeout, parse_copy_spec
+
+    def err(msg: str) -> None:
+        print(f"pyvmm: {msg}", file=sys.stderr, flush=True)
+
+    t0 = time.monotonic()
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    try:
+        if not cmd:
+            raise UsageError("run: no command given (pyvmm run [OPTIONS] -- CMD [ARGS...])")
+        _mem(args.mem)
+        disks = [_disk(spec) for spec in args.disk]
+        env = {}
+        for item in args.env:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UsageError(f"--env {item!r}: expected KEY=VALUE")
+            env[key] = value
+        copy_in, copy_out = [], []
+        for spec in args.copy_in:
+            host, guest = parse_copy_spec(spec, "--copy-in")
+            if not os.path.isdir(host):
+                raise UsageError(f"--copy-in {spec}: {host} is not a directory")
+            if not guest.startswith("/"):
+                raise UsageError(f"--copy-in {spec}: the guest path must be absolute")
+            copy_in.append((host, guest))
+        for spec in args.copy_out:
+            guest, host = parse_copy_spec(spec, "--copy-out")
+            parent = os.path.dirname(os.path.abspath(host))
+            if not os.path.isdir(parent):
+                raise UsageError(f"--copy-out {spec}: {parent} is not a directory")
+            if os.path.lexists(host) and not os.path.isdir(host):
+                raise UsageError(f"--copy-out {spec}: {host} already exists")
+            copy_out.append((guest, host))
+        for path, what in ((args.kernel, "--kernel"), (args.initrd, "--initrd")):
+            if path is not None and not os.path.isfile(path):
+                raise UsageError(f"{what} {path}: no such file")
+        if args.timeout is not None and args.timeout <= 0:
+            raise UsageError("--timeout must be positive")
+    except (UsageError, ValueError) as e:
+        err(str(e))
+        return EXIT_USAGE
+
+    log = open(args.console_log, "ab", buffering=0) if args.console_log else None
+
+    def console(data: bytes) -> None:
+        if args.console:
+            _write_fd(2, data)
+        if log is not None:
+            log.write(data)
+
+    def on_term(signo, frame):
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    guest = Guest(kernel=args.kernel, initrd=args.initrd, mem=args.mem, disks=disks,
+                  copy_in=copy_in, scratch_size=args.scratch_size if copy_out else None,
+                  cmdline=args.cmdline, cpu_profile=args.cpu_profile, loop=args.loop,
+                  boot_timeout=args.boot_timeout,
+                  console=console if (args.console or log) else None)
+    status = EXIT_FAILED
+    times = {}
+    try:
+        try:
+            guest.start()
+            times["ready"] = time.monotonic()
+            for note in guest.notes:
+                err(note)
+            result = guest.run(cmd, timeout=args.timeout, env=env, workdir=args.workdir,
+                               stdout=lambda d: _write_fd(1, d), stderr=lambda d: _write_fd(2, d))
+            times["command"] = time.monotonic()
+            status = result.exit_code
+            for guest_path, host_path in copy_out:
+                guest.copy_out(guest_path, host_path)
+            times["copy-out"] = time.monotonic()
+        except GuestTimeout as e:
+            err(str(e))
+            status = EXIT_TIMEOUT
+        except GuestError as e:
+            err(str(e))
+            tail = e.console_tail or guest.console_tail()
+            if tail and not args.console:
+                err("guest console (tail):")
+                _write_fd(2, tail[-3000:] + (b"" if tail.endswith(b"\n") else b"\n"))
+            status = EXIT_FAILED
+        except KeyboardInterrupt:
+            err("interrupted: stopping the guest")
+            status = EXIT_INTERRUPTED
+        except (OSError, ValueError) as e:
+            err(str(e))
+            status = EXIT_FAILED
+        except Exception as e:  # noqa: BLE001 - one line for known user-facing errors
+            from vmm.devices.virtio.blk import BlockError
+            from vmm.guestbuild import GuestBuildError
+            from vmm.images import ImageError
+            from vmm.kvm import KvmError
+            from vmm.loader import LoaderError
+            if isinstance(e, (BlockError, ImageError, LoaderError)):
+                err(str(e))
+                status = EXIT_USAGE
+            elif isinstance(e, (KvmError, GuestBuildError)):
+                err(str(e))
+                status = EXIT_FAILED
+            else:
+                raise
+    finally:
+        guest.close()
+        signal.signal(signal.SIGTERM, old_term)
+        if log is not None:
+            log.close()
+    if args.timings:
+        _print_timings(t0, guest.times, times)
+    return status
+
+
+def _print_timings(t0: float, gtimes: dict, times: dict) -> None:
+    import sys
+    phases = [("boot to agent ready", gtimes.get("start", t0), times.get("ready")),
+              ("command", times.get("ready"), times.get("command")),
+              ("copy-out", times.get("command"), times.get("copy-out")),
+              ("teardown", times.get("copy-out") or times.get("command"), gtimes.get("closed"))]
+    for name, a, b in phases:
+        if a is not None and b is not None:
+            print(f"pyvmm: timing: {name}: {(b - a) * 1000:.0f} ms", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vmm.runcli ...``: the same as ``pyvmm run ...``."""
+    from vmm.cli import _Parser
+    p = _Parser(prog="pyvmm")
+    add_parser(p.add_subparsers(dest="command", parser_class=_Parser))
+    import sys
+    return run(p.parse_args(["run", *(sys.argv[1:] if argv is None else argv)]))
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())
