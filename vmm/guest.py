@@ -78,6 +78,11 @@ SIGNAL_EXIT_BASE = 128
 #: Console bytes kept by Guest.console (the oldest are dropped beyond this).
 CONSOLE_KEEP = 4 << 20
 
+#: Where a rootfs disk is mounted in the guest (guests/initramfs/init).
+ROOTFS_MOUNT = "/rootfs"
+#: Environment of the host's housekeeping commands: run outside a rootfs chroot.
+OUTSIDE_ROOT = {"PYVMM_OUTSIDE_ROOT": "1"}
+
 #: Size of the scratch disk that copy_out() copies through, unless given.
 DEFAULT_SCRATCH_SIZE = 256 << 20
 
@@ -233,7 +238,11 @@ class Guest:
             and cached on first use, see vmm.guestbuild).
         initrd: initramfs with /init and /bin/pyvmm-agent; default: the default guest's.
         mem: guest RAM, e.g. "256M", or bytes.
-        disks: extra virtio-blk disks (vmm.machine.DiskConfig or paths), /dev/vda... .
+        rootfs: a root filesystem image to run the commands in (chrooted): attached
+            first, as /dev/vda, as a copy-on-write snapshot — the image is never
+            modified and the overlay is gone with the VM.
+        disks: extra virtio-blk disks (vmm.machine.DiskConfig or paths), /dev/vda (or
+            /dev/vdb after a rootfs)... .
         copy_in: (host directory, guest path) pairs: each directory becomes a read-only
             ext4 image mounted at the guest path before the first command.
         scratch_size: size of the writable scratch disk :meth:`copy_out` needs (bytes
@@ -255,13 +264,18 @@ class Guest:
                  disks: Iterable = (), copy_in: Iterable[tuple[str | os.PathLike, str]] = (),
                  scratch_size: str | int | None = None, cmdline: str = "",
                  cpu_profile: str = "auto", loop: str | None = None,
-                 boot_timeout: float = 600, console: Callable[[bytes], None] | None = None):
+                 boot_timeout: float = 600, console: Callable[[bytes], None] | None = None,
+                 rootfs: str | os.PathLike | None = None):
         from vmm.memory import parse_size
 
         self.kernel = Path(kernel) if kernel is not None else None
         self.initrd = Path(initrd) if initrd is not None else None
         self.mem_size = parse_size(mem)
         self.disks = list(disks)
+        self.rootfs = Path(rootfs) if rootfs is not None else None
+        #: Where the commands' root directory is, seen from the agent (housekeeping
+        #: commands run outside the chroot, with PYVMM_OUTSIDE_ROOT=1).
+        self._root = ROOTFS_MOUNT if rootfs is not None else ""
         self.copy_in = [CopyIn(Path(h), g) for h, g in copy_in]
         for c in self.copy_in:
             if not c.host_path.is_dir():
@@ -335,6 +349,10 @@ class Guest:
             kernel = kernel or default_kernel
             initrd = initrd or default_initrd
         disks = [d if isinstance(d, DiskConfig) else DiskConfig(Path(d)) for d in self.disks]
+        extra = [guestbuild.AGENT_PARAM]
+        if self.rootfs is not None:
+            disks.insert(0, DiskConfig(self.rootfs, snapshot=True))
+            extra.append(f"{guestbuild.ROOTFS_PARAM}=/dev/vda")
         mounts = []
         for c in self.copy_in:
             fd = self._image(c.host_path)
@@ -346,7 +364,7 @@ class Guest:
             disks.append(DiskConfig(Path(f"/proc/self/fd/{self._scratch_fd}"), cache="unsafe"))
         with _prepare_lock:   # the host probe is cached per process; probe it once
             setup = linux.prepare(self.cpu_profile, 1,
-                                  extra=" ".join(x for x in (guestbuild.AGENT_PARAM, self.cmdline) if x))
+                                  extra=" ".join(x for x in (*extra, self.cmdline) if x))
         self.notes.extend(setup.notes)
         config = MachineConfig(kernel=Path(kernel), mem_size=self.mem_size, kind="linux",
                                initrd=Path(initrd), cmdline=setup.cmdline,
@@ -364,8 +382,8 @@ class Guest:
             raise GuestError(f"{self.name}: {self._dead}", self.console_tail())
         self.times["ready"] = time.monotonic()
         for dev, path in mounts:
-            q = shlex.quote(path)
-            self.run(f"mkdir -p {q} && mount -t ext4 -o ro {dev} {q}").check()
+            q = shlex.quote(self._root + path)
+            self.run(f"mkdir -p {q} && mount -t ext4 -o ro {dev} {q}", env=OUTSIDE_ROOT).check()
 
     def close(self) -> None:
         """Stop the VM, join its threads, close its fds (idempotent; never raises)."""
@@ -473,11 +491,11 @@ class Guest:
         dest = host_path / Path(guest_path).name if host_path.is_dir() else host_path
         if dest.exists():
             raise GuestError(f"copy-out {guest_path}: {dest} already exists")
-        m, src = SCRATCH_MOUNT, shlex.quote(guest_path)
+        m, src = SCRATCH_MOUNT, shlex.quote(self._root + guest_path)
         script = (f"test -e {src} || {{ echo \"no such file or directory: {guest_path}\" >&2; exit 2; }}; "
                   f"mkdir -p {m} && mount -t ext4 {self._scratch_dev} {m} && rm -rf {m}/out && "
                   f"cp -a {src} {m}/out; s=$?; umount {m}; exit $s")
-        r = self.run(script, timeout=timeout)
+        r = self.run(script, timeout=timeout, env=OUTSIDE_ROOT)
         if r.exit_code != 0:
             raise GuestError(f"copy-out {guest_path} failed in the guest (status {r.exit_code}): "
                              f"{r.stderr.decode(errors='replace').strip()}")

@@ -62,6 +62,8 @@ EXIT_MARKER_RE = re.compile(r"pyvmm: exit (\d+)")
 CMD_PARAM = "pyvmm.cmd"
 #: Kernel command-line word that makes /init start the agent on ttyS1 (vmm/guest.py).
 AGENT_PARAM = "pyvmm.agent"
+#: Kernel command-line parameter naming the disk the agent chroots commands into.
+ROOTFS_PARAM = "pyvmm.rootfs"
 #: Where the agent lives in the initramfs.
 AGENT_GUEST_PATH = "bin/pyvmm-agent"
 

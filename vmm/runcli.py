@@ -37,6 +37,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--initrd", help="initramfs with /init and /bin/pyvmm-agent "
                                     "(default: the project's)")
     r.add_argument("--mem", default="256M", help="guest RAM (default 256M)")
+    r.add_argument("--rootfs", metavar="IMG",
+                   help="run CMD chrooted in this root filesystem image, on a throwaway "
+                        "copy-on-write overlay (the image is never modified)")
     r.add_argument("--disk", action="append", default=[],
                    metavar="PATH[,ro][,serial=ID][,cache=MODE]",
                    help="a virtio-blk disk (repeatable): /dev/vda, /dev/vdb, ... in order")
@@ -122,7 +125,8 @@ def run(args) -> int:
             if os.path.lexists(host) and not os.path.isdir(host):
                 raise UsageError(f"--copy-out {spec}: {host} already exists")
             copy_out.append((guest, host))
-        for path, what in ((args.kernel, "--kernel"), (args.initrd, "--initrd")):
+        for path, what in ((args.kernel, "--kernel"), (args.initrd, "--initrd"),
+                           (args.rootfs, "--rootfs")):
             if path is not None and not os.path.isfile(path):
                 raise UsageError(f"{what} {path}: no such file")
         if args.timeout is not None and args.timeout <= 0:
@@ -146,7 +150,7 @@ def run(args) -> int:
     guest = Guest(kernel=args.kernel, initrd=args.initrd, mem=args.mem, disks=disks,
                   copy_in=copy_in, scratch_size=args.scratch_size if copy_out else None,
                   cmdline=args.cmdline, cpu_profile=args.cpu_profile, loop=args.loop,
-                  boot_timeout=args.boot_timeout,
+                  boot_timeout=args.boot_timeout, rootfs=args.rootfs,
                   console=console if (args.console or log) else None)
     status = EXIT_FAILED
     times = {}

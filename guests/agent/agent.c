@@ -50,6 +50,8 @@
 
 static int chan = -1;
 static int sigpipe_fds[2];
+/* --root DIR: the root filesystem commands run in (pyvmm run --rootfs). */
+static const char *root_dir;
 
 static void die(const char *what)
 {
@@ -194,6 +196,14 @@ static void run_command(char *payload, uint32_t len)
 		setsid(); /* its own session: no controlling tty, own process group */
 		for (i = 0; i < envc; i++)
 			putenv(envv[i]);
+		/* With --root, commands run chrooted into the guest's root filesystem,
+		 * except the host's own housekeeping (mounting copy-in images, copying
+		 * out), which it marks with PYVMM_OUTSIDE_ROOT=1. */
+		if (root_dir && !getenv("PYVMM_OUTSIDE_ROOT") && (chroot(root_dir) < 0 || chdir("/") < 0)) {
+			fprintf(stderr, "pyvmm-agent: cannot enter %s: %s\n", root_dir, strerror(errno));
+			_exit(126);
+		}
+		unsetenv("PYVMM_OUTSIDE_ROOT");
 		if (workdir[0] && chdir(workdir) < 0) {
 			fprintf(stderr, "pyvmm-agent: cannot change directory to %s: %s\n",
 				workdir, strerror(errno));
@@ -268,11 +278,18 @@ bad:
 
 int main(int argc, char **argv)
 {
-	const char *dev = argc > 1 ? argv[1] : "/dev/ttyS1";
+	const char *dev;
 	static const char ready[] = "pyvmm-agent 1";
 	struct termios t;
 	struct sigaction sa;
 
+	/* pyvmm-agent [--root DIR] [DEVICE] */
+	if (argc > 2 && strcmp(argv[1], "--root") == 0) {
+		root_dir = argv[2];
+		argc -= 2;
+		argv += 2;
+	}
+	dev = argc > 1 ? argv[1] : "/dev/ttyS1";
 	chan = open(dev, O_RDWR | O_NOCTTY | O_CLOEXEC);
 	if (chan < 0)
 		die(dev);

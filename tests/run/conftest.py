@@ -22,15 +22,7 @@ BOOT_TIMEOUT_S = 600
 
 
 def pyvmm_run_argv() -> list[str]:
-    """``pyvmm run`` once vmm/cli.py has the command, else ``python -m vmm.runcli``."""
-    from vmm import cli
-    try:
-        has_run = "run" in cli._parser()._subparsers._group_actions[0].choices
-    except (AttributeError, IndexError):
-        has_run = False
-    if has_run:
-        return [sys.executable, "-m", "vmm.cli", "run"]
-    return [sys.executable, "-m", "vmm.runcli"]
+    return [sys.executable, "-m", "vmm.cli", "run"]
 
 
 @dataclass
