@@ -13,6 +13,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stam
    || [ native/shim.c -nt "$stamp" ] || [ native/shim.h -nt "$stamp" ] \
    || ! .venv/bin/python -c "import vmm._shim" 2>/dev/null; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e '.[test]'
+  # compat: a plain .pth path entry, no import-hook finder (faster start-up)
+  .venv/bin/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat
   touch "$stamp"
 fi

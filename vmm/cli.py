@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from vmm import __version__, runcli
+from vmm.errors import HostError, UserError
 
 T0 = time.monotonic()
 
@@ -23,7 +24,7 @@ EXIT_VMM_ERROR = 1
 EXIT_USAGE = 2
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """Bad input from the user: printed as one line, exit status 2."""
 
 
@@ -148,8 +149,17 @@ def _mem(text: str) -> int:
     return size
 
 
-def boot(args) -> int:
+def _check_cpus(cpus: int) -> None:
+    from vmm.arch.x86_64.mptable import MAX_CPUS
     from vmm.kvm import Kvm
+    with Kvm() as kvm:
+        _, maximum = kvm.max_vcpus()
+    if cpus > min(maximum, MAX_CPUS):
+        raise UsageError(f"--cpus {cpus}: at most {min(maximum, MAX_CPUS)} vCPUs "
+                         f"(KVM allows {maximum}, pyvmm's MP table {MAX_CPUS})")
+
+
+def boot(args) -> int:
     from vmm.machine import ExitReason, Machine, MachineConfig
     from vmm.terminal import ConsoleInput, ConsoleOutput
     from vmm.vcpu import default_loop
@@ -173,13 +183,8 @@ def boot(args) -> int:
     if args.root and not disks:
         raise UsageError("--root needs a --disk")
 
-    kvm = Kvm()
-    rec, maximum = kvm.max_vcpus()
-    kvm.close()
-    from vmm.arch.x86_64.mptable import MAX_CPUS
-    if cpus > min(maximum, MAX_CPUS):
-        raise UsageError(f"--cpus {cpus}: at most {min(maximum, MAX_CPUS)} vCPUs "
-                         f"(KVM allows {maximum}, pyvmm's MP table {MAX_CPUS})")
+    if cpus > 1:
+        _check_cpus(cpus)
 
     linux = None
     if not args.raw:
@@ -309,34 +314,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    from vmm.kvm import KvmError
-    from vmm.loader import LoaderError
-    from vmm.devices.virtio.blk import BlockError
-    from vmm.images import ImageError
-    from vmm.tinyguest import TinyGuestError
-    user_errors = (UsageError, LoaderError, TinyGuestError, BlockError, ImageError)
     try:
         if args.command == "run":
             return runcli.run(args)
         if args.command == "mkfs":
             return mkfs(args)
         return boot(args)
-    except user_errors as e:
+    except UserError as e:
         _err(None, str(e))
         return EXIT_USAGE
-    except KvmError as e:
-        _err(None, str(e))
-        return EXIT_VMM_ERROR
-    except Exception as e:  # noqa: BLE001
-        from vmm.guestbuild import GuestBuildError
-        if not isinstance(e, GuestBuildError):
-            raise
+    except HostError as e:
         _err(None, str(e))
         return EXIT_VMM_ERROR
     except OSError as e:
-        _err(None, f"{e.filename or ''}: {e.strerror}" if e.filename else str(e))
+        _err(None, f"{e.filename}: {e.strerror}" if e.filename else str(e))
         return EXIT_USAGE
-
 
 if __name__ == "__main__":
     sys.exit(main())

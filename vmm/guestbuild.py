@@ -47,6 +47,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
+from vmm.errors import HostError
 
 # --------------------------------------------------------------------------------------
 # Constants shared with the guest's /init and with the tests
@@ -102,7 +103,7 @@ _TREE_STAMP = ".pyvmm-tree-ready"
 _SETUP_HINT = "run scripts/setup-host.sh"
 
 
-class GuestBuildError(Exception):
+class GuestBuildError(HostError):
     """A guest build could not run or failed; the message is one line for the user."""
 
 

@@ -10,9 +10,10 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from vmm.errors import UserError
 
 
-class ImageError(Exception):
+class ImageError(UserError):
     """An image could not be made (one line, meant for the user)."""
 
 

@@ -25,8 +25,6 @@ from vmm.devices.debugexit import DebugExit
 from vmm.devices.i8042 import I8042
 from vmm.devices.serial8250 import Serial8250
 from vmm.devices.testdev import TestDevice
-from vmm.devices.virtio.blk import VirtioBlk
-from vmm.devices.virtio.mmio import QUEUE_NOTIFY_OFFSET, VirtioMmioTransport, kernel_cmdline_arg
 from vmm.iothread import IoThread
 from vmm.kvm import exits as X
 from vmm.kvm import ioctls as K
@@ -222,7 +220,13 @@ class Machine:
         self.io.on_error = self.fail
         self._closers.append(self.io.close)
         self.virtio_cmdline: list[str] = []
-        self.disks: list[VirtioBlk] = []
+        self.disks = []
+        if not self.config.disks:
+            return
+        # Imported here: a VM without disks (most test guests) starts faster without them.
+        from vmm.devices.virtio.blk import VirtioBlk
+        from vmm.devices.virtio.mmio import QUEUE_NOTIFY_OFFSET, VirtioMmioTransport, \
+            kernel_cmdline_arg
         use_ioeventfd = bool(self.kvm.check_extension(K.KVM_CAP_IOEVENTFD))
         for i, disk in enumerate(self.config.disks):
             base = layout.VIRTIO_MMIO_START + i * layout.VIRTIO_MMIO_SIZE

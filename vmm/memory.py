@@ -12,9 +12,10 @@ import re
 from dataclasses import dataclass
 
 from vmm.arch.x86_64 import layout
+from vmm.errors import UserError
 
 
-class GuestMemoryError(Exception):
+class GuestMemoryError(UserError):
     """A guest physical access outside RAM, or an unusable memory size."""
 
 

@@ -89,6 +89,7 @@ def run(args) -> int:
     import time
 
     from vmm.cli import UsageError, _disk, _mem
+    from vmm.errors import HostError, UserError
     from vmm.guest import Guest, GuestError, GuestTimeout, parse_copy_spec
 
     def err(msg: str) -> None:
@@ -180,23 +181,12 @@ def run(args) -> int:
         except KeyboardInterrupt:
             err("interrupted: stopping the guest")
             status = EXIT_INTERRUPTED
-        except (OSError, ValueError) as e:
+        except UserError as e:
+            err(str(e))
+            status = EXIT_USAGE
+        except (HostError, OSError, ValueError) as e:
             err(str(e))
             status = EXIT_FAILED
-        except Exception as e:  # noqa: BLE001 - one line for known user-facing errors
-            from vmm.devices.virtio.blk import BlockError
-            from vmm.guestbuild import GuestBuildError
-            from vmm.images import ImageError
-            from vmm.kvm import KvmError
-            from vmm.loader import LoaderError
-            if isinstance(e, (BlockError, ImageError, LoaderError)):
-                err(str(e))
-                status = EXIT_USAGE
-            elif isinstance(e, (KvmError, GuestBuildError)):
-                err(str(e))
-                status = EXIT_FAILED
-            else:
-                raise
     finally:
         guest.close()
         signal.signal(signal.SIGTERM, old_term)

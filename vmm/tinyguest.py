@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from vmm.errors import UserError
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "guests" / "tiny"
 
@@ -28,7 +29,7 @@ C_FLAGS = ["-ffreestanding", "-nostdlib", "-mno-red-zone", "-mno-sse", "-mno-mmx
            "-fno-builtin", "-Wall"]
 
 
-class TinyGuestError(Exception):
+class TinyGuestError(UserError):
     """A test guest could not be built (missing toolchain or a source error)."""
 
 

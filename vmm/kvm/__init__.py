@@ -15,6 +15,7 @@ import os
 
 from vmm.kvm import ioctls as K
 from vmm.kvm import structs as S
+from vmm.errors import HostError
 
 KVM_API_VERSION = 12
 KVM_DEVICE = "/dev/kvm"
@@ -36,7 +37,7 @@ OPTIONAL_CAPS = {
 }
 
 
-class KvmError(Exception):
+class KvmError(HostError):
     """KVM is unavailable or refused an operation; the message is one user-facing line."""
 
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from vmm.errors import UserError
 
 
-class LoaderError(Exception):
+class LoaderError(UserError):
     """A kernel, initrd or command line pyvmm cannot use; the message is one line."""
 
 

@@ -33,11 +33,12 @@ from typing import Callable, Sequence
 from vmm.memory import GuestMemory
 
 from .queue import DescriptorChain, Queue
+from vmm.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class BlockError(Exception):
+class BlockError(UserError):
     """A disk image pyvmm cannot use (one line, meant for the user)."""
 
 

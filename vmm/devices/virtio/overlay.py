@@ -33,6 +33,7 @@ import os
 import tempfile
 
 from .blk import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, _full_io, fallocate
+from vmm.errors import UserError
 
 #: Copy-on-write granularity: the usual page and filesystem block size, and virtio-blk's
 #: discard_sector_alignment, so a Linux guest's writes are mostly whole blocks.
@@ -46,7 +47,7 @@ TEMP_PREFIX = ".pyvmm-overlay-"
 _NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT)
 
 
-class OverlayError(Exception):
+class OverlayError(UserError):
     """No overlay file could be created (one line, meant for the user)."""
 
 
