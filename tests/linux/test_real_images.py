@@ -180,10 +180,6 @@ def test_truncated_real_bzimage(kernels, compression, tmp_path):
             assert outcome == "loaded elf" or outcome.startswith("error"), (where, mode)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "loader bug: in mode 'bzimage' a file shorter than the setup header's syssize "
-    "(protected-mode size) is loaded without error when only the decompressor code "
-    "behind the payload is missing; the guest would run a truncated decompressor"))
 @pytest.mark.parametrize("compression", ["gzip"])
 def test_bzimage_mode_rejects_file_shorter_than_syssize(kernels, compression, tmp_path):
     data = kernels[compression].bzimage.read_bytes()

@@ -82,6 +82,7 @@ class SetupHeader:
     payload_length: int
     pref_address: int
     init_size: int
+    syssize: int = 0             # protected-mode size in 16-byte units (0: unknown, < 2.04)
 
     @property
     def setup_size(self) -> int:
@@ -155,6 +156,7 @@ def parse_setup_header(head: bytes, file_size: int) -> SetupHeader:
         payload_length=u32(PAYLOAD_LENGTH_OFFSET),
         pref_address=struct.unpack_from("<Q", head, PREF_ADDRESS_OFFSET)[0],
         init_size=u32(INIT_SIZE_OFFSET),
+        syssize=u32(SYSSIZE_OFFSET) if version >= 0x0204 else 0,
     )
     pm_size = file_size - hdr.setup_size
     if pm_size < ENTRY_64_OFFSET + 16:
@@ -195,6 +197,11 @@ def load_protected_mode(mem: GuestMemory, f, hdr: SetupHeader, file_size: int) -
     """
     addr = protected_mode_load_address(hdr)
     pm_size = file_size - hdr.setup_size
+    # syssize (0x1f4, boot protocol 2.04+): the protected-mode code's size in 16-byte
+    # paragraphs. A shorter file would have the guest run a truncated decompressor.
+    if hdr.syssize and pm_size < hdr.syssize * 16:
+        raise LoaderError(f"bzImage is truncated: its protected-mode part is {pm_size} bytes, "
+                          f"the header says {hdr.syssize * 16} (syssize)")
     # init_size counts from the kernel's *runtime* start: the load address for a
     # relocatable kernel, pref_address (its link address) for one that moves itself.
     runtime = addr if hdr.relocatable or not hdr.pref_address else hdr.pref_address
