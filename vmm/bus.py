@@ -24,12 +24,12 @@ back to a bisect over the sorted range starts.
 from __future__ import annotations
 
 import bisect
-import logging
 from typing import NamedTuple, Protocol
+from vmm.log import get_logger
 
 __all__ = ["BusDevice", "BusError", "BusRange", "Bus"]
 
-log = logging.getLogger("vmm.bus")
+log = get_logger("vmm.bus")
 
 #: How many distinct unclaimed addresses are remembered (to log each only once).
 #: A guest that scans the whole MMIO hole must not grow VMM memory without bound

@@ -12,7 +12,7 @@ without newlines cannot grow it.
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 POWER_DOWN = b"reboot: Power down"
 HALTED = b"reboot: System halted"

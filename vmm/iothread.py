@@ -8,13 +8,13 @@ This thread waits on all such eventfds and calls the handler for each (the trans
 
 from __future__ import annotations
 
-import logging
 import os
 import selectors
 import threading
-from typing import Callable
+from collections.abc import Callable
+from vmm.log import get_logger
 
-log = logging.getLogger("vmm.iothread")
+log = get_logger("vmm.iothread")
 
 
 class IoThread:

@@ -8,13 +8,12 @@ Data flows one way: cli -> machine -> {kvm, memory, loader, devices} -> native.
 from __future__ import annotations
 
 import enum
-import logging
 import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from vmm import kvm as kvmlib
 from vmm.arch.x86_64 import bootparams, cpu, cpuid, layout, mptable
@@ -31,8 +30,9 @@ from vmm.kvm import ioctls as K
 from vmm.loader import SymbolTable, load_initrd, load_kernel
 from vmm.memory import GuestMemory
 from vmm.vcpu import VcpuLoop, default_loop, install_kick_handler, native
+from vmm.log import get_logger
 
-log = logging.getLogger("vmm.machine")
+log = get_logger("vmm.machine")
 
 
 class ExitReason(enum.Enum):

@@ -97,6 +97,10 @@ class GuestMemory:
             pass
         self.size = size
         self.regions = ram_regions(size)
+        #: ``(guest_addr, end, host_offset)`` of each region, for hot paths that check
+        #: bounds inline (virtqueues) and then index :attr:`host_view` directly.
+        self.spans: tuple[tuple[int, int, int], ...] = tuple(
+            (r.guest_addr, r.end, r.host_offset) for r in self.regions)
         self._view = memoryview(self._map)
 
     # -- lifetime ------------------------------------------------------------------
@@ -117,7 +121,30 @@ class GuestMemory:
         """The whole mapping (for registering with KVM and for the C shim)."""
         return self._map
 
+    @property
+    def host_view(self) -> memoryview:
+        """A view of the whole mapping, indexed by host offset (see :meth:`translate`).
+
+        Unchecked: only index it with an offset range that :meth:`translate` (or an
+        inline check against :attr:`spans`) has already placed inside one region.
+        """
+        return self._view
+
     # -- address translation ----------------------------------------------------------
+    def translate(self, gpa: int, length: int) -> int:
+        """Host offset of ``[gpa, gpa+length)``, or -1 unless it lies inside one region.
+
+        The non-raising twin of :meth:`view`'s check, for hot paths: the result indexes
+        :attr:`host_view`.
+        """
+        if length < 0:
+            return -1
+        end = gpa + length
+        for start, stop, host in self.spans:
+            if start <= gpa and end <= stop:
+                return host + (gpa - start)
+        return -1
+
     def _offset(self, gpa: int, length: int) -> int:
         """Host offset of ``[gpa, gpa+length)``; the range must lie in one region."""
         if length < 0:

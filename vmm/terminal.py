@@ -17,7 +17,7 @@ import termios
 import threading
 import time
 import tty
-from typing import Callable
+from collections.abc import Callable
 
 ESCAPE = 0x01  # Ctrl-A
 HELP = ("\r\npyvmm console escapes:\r\n"

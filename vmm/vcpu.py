@@ -9,7 +9,6 @@ loop with ``loop="python"`` or the environment variable ``PYVMM_LOOP=python``.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
@@ -17,8 +16,9 @@ import threading
 from vmm.kvm import KvmError
 from vmm.kvm import exits as X
 from vmm.kvm import ioctls as K
+from vmm.log import get_logger
 
-log = logging.getLogger("vmm.vcpu")
+log = get_logger("vmm.vcpu")
 
 #: Signal sent to a vCPU thread to make KVM_RUN return (its handler does nothing).
 KICK_SIGNAL = signal.SIGRTMIN + 2

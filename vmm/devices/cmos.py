@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["Cmos"]
 

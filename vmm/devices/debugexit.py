@@ -10,7 +10,7 @@ low byte.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["DebugExit"]
 

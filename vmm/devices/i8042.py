@@ -37,7 +37,7 @@ sequences (Linux holds ``i8042_lock``), so there is no lock here.
 from __future__ import annotations
 
 import collections
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["I8042"]
 

@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["Serial8250"]
 

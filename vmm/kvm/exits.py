@@ -7,7 +7,6 @@ The decoding reads the shared kvm_run page (mmap of the vCPU fd) at the offsets 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from vmm.kvm import ioctls as K
 from vmm.kvm.structs import KVM_RUN_EXIT_UNION as U
@@ -20,69 +19,93 @@ _SYSTEM_EVENT = struct.Struct("<I")
 _FAIL_ENTRY = struct.Struct("<QI")
 
 
-@dataclass(slots=True)
-class IoOut:
-    port: int
-    size: int
-    count: int
-    data: bytes           # count * size bytes, as the guest wrote them
+class _Exit:
+    """Base of the typed exits: small slotted value objects (plain classes rather than
+    dataclasses: they are made on every exit, and dataclasses cost start-up time)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and all(
+            getattr(self, n) == getattr(other, n) for n in self.__slots__)
 
 
-@dataclass(slots=True)
-class IoIn:
-    port: int
-    size: int
-    count: int
-    data_offset: int      # where in kvm_run the answer goes (count * size bytes)
+class IoOut(_Exit):
+    """Port write: ``count`` items of ``size`` bytes, as the guest wrote them."""
+    __slots__ = ("port", "size", "count", "data")
+
+    def __init__(self, port: int, size: int, count: int, data: bytes):
+        self.port, self.size, self.count, self.data = port, size, count, data
 
 
-@dataclass(slots=True)
-class MmioWrite:
-    addr: int
-    size: int
-    value: int
+class IoIn(_Exit):
+    """Port read; the answer (count * size bytes) goes at ``data_offset`` in kvm_run."""
+    __slots__ = ("port", "size", "count", "data_offset")
+
+    def __init__(self, port: int, size: int, count: int, data_offset: int):
+        self.port, self.size, self.count, self.data_offset = port, size, count, data_offset
 
 
-@dataclass(slots=True)
-class MmioRead:
-    addr: int
-    size: int
+class MmioWrite(_Exit):
+    __slots__ = ("addr", "size", "value")
+
+    def __init__(self, addr: int, size: int, value: int):
+        self.addr, self.size, self.value = addr, size, value
 
 
-@dataclass(slots=True)
-class Hlt:
-    pass
+class MmioRead(_Exit):
+    __slots__ = ("addr", "size")
+
+    def __init__(self, addr: int, size: int):
+        self.addr, self.size = addr, size
 
 
-@dataclass(slots=True)
-class Shutdown:
+class Hlt(_Exit):
+    __slots__ = ()
+
+
+class Shutdown(_Exit):
     """Triple fault (or another shutdown condition)."""
+    __slots__ = ()
 
 
-@dataclass(slots=True)
-class SystemEvent:
-    type: int             # KVM_SYSTEM_EVENT_{SHUTDOWN,RESET,CRASH}
+class SystemEvent(_Exit):
+    """KVM_SYSTEM_EVENT_{SHUTDOWN,RESET,CRASH} in ``type``."""
+    __slots__ = ("type",)
+
+    def __init__(self, type: int):
+        self.type = type
 
 
-@dataclass(slots=True)
-class InternalError:
-    suberror: int
-    insn: bytes           # instruction bytes for emulation failures, else b""
+class InternalError(_Exit):
+    """``insn``: instruction bytes for emulation failures, else b""."""
+    __slots__ = ("suberror", "insn")
+
+    def __init__(self, suberror: int, insn: bytes):
+        self.suberror, self.insn = suberror, insn
 
 
-@dataclass(slots=True)
-class FailEntry:
-    reason: int
+class FailEntry(_Exit):
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: int):
+        self.reason = reason
 
 
-@dataclass(slots=True)
-class Interrupted:
+class Interrupted(_Exit):
     """KVM_RUN returned because of a signal or immediate_exit (KVM_EXIT_INTR/EINTR)."""
+    __slots__ = ()
 
 
-@dataclass(slots=True)
-class Unknown:
-    reason: int
+class Unknown(_Exit):
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: int):
+        self.reason = reason
 
 
 def decode(run, reason: int | None = None):

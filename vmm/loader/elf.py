@@ -16,7 +16,6 @@ import io
 import os
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO
 
 from vmm.arch.x86_64 import layout
 from vmm.loader import LoaderError
