@@ -106,3 +106,9 @@ def test_emulation_failure_names_the_symbol_from_a_system_map(tiny, tmp_path):
     r = pyvmm("boot", "--raw", guest, "--system-map", system_map)
     assert r.returncode == 5
     assert "renamed_entry+0x7" in r.stderr and "f3 48 0f b8" in r.stderr
+
+
+@requires_kvm
+@pytest.mark.parametrize("cpus", ["0", "100000", "-3", "two"])
+def test_bad_cpu_counts(tiny, cpus):
+    assert_one_line_error(pyvmm("boot", "--raw", tiny("hello"), "--cpus", cpus))
