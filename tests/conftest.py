@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-
-def kvm_usable() -> str | None:
-    """None if /dev/kvm can be opened read-write, else why not."""
-    if not os.path.exists("/dev/kvm"):
-        return "no /dev/kvm on this host"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "no permission to open /dev/kvm"
-    return None
+from vmm.pytest_plugin import kvm_unusable as kvm_usable  # None if usable, else why not
 
 
 requires_kvm = pytest.mark.skipif(kvm_usable() is not None, reason=kvm_usable() or "")
