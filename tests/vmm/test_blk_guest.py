@@ -113,3 +113,13 @@ def test_failed_request_status_ends_the_guest(tiny, loop, disk):
                     read_only=True)
     assert (result.reason, result.status) == (ExitReason.DEBUG_EXIT, 20)
     assert disk.read_bytes() == before
+
+
+def test_many_back_to_back_requests_all_complete_ok(tiny, loop, disk):
+    # One request in flight, reused 1500 times: the driver resubmits the moment it sees
+    # a completion, so a device that published a used entry twice, or before its status
+    # byte, fails here (an optimisation of the request path once did, intermittently).
+    result, out = run(tiny, loop, disk, {"MODE": RANDREAD, "BS": 4096, "QD": 1, "COUNT": 1500,
+                                         "SEED": 3})
+    assert (result.reason, result.status) == (ExitReason.DEBUG_EXIT, 0), (result, out)
+    assert parse(out)["reqs"] == 1500
