@@ -45,7 +45,7 @@ def test_commands_run_in_the_rootfs_and_the_image_is_never_modified(guest_ready,
     before, mtime = digest(rootfs), rootfs.stat().st_mtime_ns
     r = pyvmm_run("--rootfs", str(rootfs), "--", "sh", "-c",
                   "cat /etc/marker; echo changed > /etc/marker; cat /etc/marker; "
-                  "ls /bin | wc -l 2>/dev/null; test -e /bin/pyvmm-agent || echo no-agent-here")
+                  "test -e /bin/pyvmm-agent || echo no-agent-here")
     assert r.returncode == 0, r.describe()
     assert r.stdout.splitlines()[:2] == [b"from the image", b"changed"]
     assert b"no-agent-here" in r.stdout          # we are in the image, not the initramfs
