@@ -78,7 +78,7 @@ def is_elf(head: bytes) -> bool:
     return head[:4] == ELF_MAGIC
 
 
-def parse_elf(f: BinaryIO, file_size: int) -> ElfImage:
+def parse_elf(f: io.BufferedIOBase, file_size: int) -> ElfImage:
     """Read and check the ELF header and PT_LOAD program headers of ``f``.
 
     Raises:
@@ -149,7 +149,7 @@ def check_placement(mem: GuestMemory, image: ElfImage) -> None:
                               "(it crosses the MMIO gap)")
 
 
-def load_segments(mem: GuestMemory, f: BinaryIO, image: ElfImage) -> None:
+def load_segments(mem: GuestMemory, f: io.BufferedIOBase, image: ElfImage) -> None:
     """Copy every PT_LOAD segment from ``f`` into guest RAM and zero its .bss part.
 
     The file is read with ``readinto`` straight into a view of guest memory.
@@ -173,7 +173,7 @@ def load_segments(mem: GuestMemory, f: BinaryIO, image: ElfImage) -> None:
             bss -= n
 
 
-def load_elf(mem: GuestMemory, f: BinaryIO, file_size: int | None = None) -> ElfImage:
+def load_elf(mem: GuestMemory, f: io.BufferedIOBase, file_size: int | None = None) -> ElfImage:
     """Parse, check and load an ELF from a seekable binary file or BytesIO.
 
     Returns:
