@@ -17,3 +17,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stam
   .venv/bin/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat
   touch "$stamp"
 fi
+# Byte-compile pyvmm's own modules. pip does this for a regular install, not for an
+# editable one; without it every `pyvmm` start compiles ~40 modules (~25 ms) whenever
+# PYTHONDONTWRITEBYTECODE is set (as on CI containers), since nothing is cached then.
+# Cheap when nothing changed: compileall skips up-to-date .pyc files.
+.venv/bin/python -m compileall -q vmm

@@ -24,7 +24,7 @@ back to a bisect over the sorted range starts.
 from __future__ import annotations
 
 import bisect
-from typing import NamedTuple, Protocol
+from collections import namedtuple
 from vmm.log import get_logger
 
 __all__ = ["BusDevice", "BusError", "BusRange", "Bus"]
@@ -37,8 +37,10 @@ log = get_logger("vmm.bus")
 UNCLAIMED_LOG_LIMIT = 4096
 
 
-class BusDevice(Protocol):
-    """What every device mapped on a :class:`Bus` implements.
+class BusDevice:
+    """What every device mapped on a :class:`Bus` implements (duck-typed: devices need
+    not inherit from this; it documents the interface without importing typing, which
+    costs start-up time).
 
     ``offset`` is relative to the start of the device's range; ``size`` is the
     access width in bytes (1, 2, 4 or 8); values are little-endian ints.
@@ -53,13 +55,10 @@ class BusError(Exception):
     """A range could not be inserted (zero length, negative, or overlapping)."""
 
 
-class BusRange(NamedTuple):
-    """One claimed range ``[base, base + length)``."""
+class BusRange(namedtuple("BusRange", "base length device name")):
+    """One claimed range ``[base, base + length)``: its ``device`` and ``name``."""
 
-    base: int
-    length: int
-    device: BusDevice
-    name: str
+    __slots__ = ()
 
     @property
     def end(self) -> int:

@@ -16,7 +16,7 @@ interpreted, else ``host``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import namedtuple
 
 from vmm.hostcheck import HostProfile
 from vmm.machine import HostQuirks
@@ -28,11 +28,14 @@ PROFILES = ("auto", "host", "safe")
 SAFE_CLEARCPUID = ("smap", "cx16", "popcnt", "xsave", "rdrand", "rdseed")
 
 
-@dataclass(frozen=True)
-class CpuProfile:
-    name: str
-    cmdline: tuple[str, ...] = ()
-    quirks: HostQuirks = field(default_factory=HostQuirks)
+class CpuProfile(namedtuple("CpuProfile", "name cmdline quirks", defaults=((), None))):
+    """``name``, the ``cmdline`` arguments it adds (a tuple), the HostQuirks it needs.
+    A namedtuple: dataclasses cost start-up time."""
+
+    __slots__ = ()
+
+    def __new__(cls, name: str, cmdline: tuple[str, ...] = (), quirks: HostQuirks | None = None):
+        return super().__new__(cls, name, tuple(cmdline), quirks or HostQuirks())
 
 
 def select(requested: str, host: HostProfile | None, cpus: int = 1) -> CpuProfile:

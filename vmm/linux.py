@@ -5,8 +5,6 @@ Shared by ``pyvmm boot`` and the Python API, so both boot a guest the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from vmm.machine import HostQuirks
 
 #: Kernel command line for a microVM: serial console (ttyS0; ttyS1 is the control
@@ -18,13 +16,21 @@ DEFAULT_CMDLINE = ("console=ttyS0 reboot=k panic=-1 pci=off nomodule nokaslr 825
                    "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd")
 
 
-@dataclass
 class LinuxSetup:
-    cmdline: str
-    quirks: HostQuirks = field(default_factory=HostQuirks)
-    profile: str = "host"
-    #: Things worth telling the user once (e.g. that the host is emulation-only).
-    notes: list[str] = field(default_factory=list)
+    """The command line, the HostQuirks and CPU profile name, and ``notes``: things worth
+    telling the user once (e.g. that the host is emulation-only)."""
+
+    # A plain class, not a dataclass: importing dataclasses costs start-up time.
+    def __init__(self, cmdline: str, quirks: HostQuirks | None = None, profile: str = "host",
+                 notes: list[str] | None = None):
+        self.cmdline = cmdline
+        self.quirks = quirks if quirks is not None else HostQuirks()
+        self.profile = profile
+        self.notes = notes if notes is not None else []
+
+    def __repr__(self) -> str:
+        return (f"LinuxSetup(cmdline={self.cmdline!r}, quirks={self.quirks!r}, "
+                f"profile={self.profile!r}, notes={self.notes!r})")
 
 
 def prepare(cpu_profile: str = "auto", cpus: int = 1, *, root: str | None = None,

@@ -11,7 +11,6 @@ import enum
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
 
@@ -64,57 +63,114 @@ EXIT_STATUS = {
 CONSOLE_BATCH_S = 0.01
 
 
-@dataclass
+# The records below are plain classes, not dataclasses: importing dataclasses costs ~8 ms
+# of the VMM's start-up (issue #2 budgets 60 ms from exec to the first KVM_RUN).
 class VmExit:
-    reason: ExitReason
-    status: int
-    detail: str = ""
+    """Why and how a VM ended: ``reason``, the exit ``status``, a one-line ``detail``."""
+
+    __slots__ = ("reason", "status", "detail")
+
+    def __init__(self, reason: ExitReason, status: int, detail: str = ""):
+        self.reason = reason
+        self.status = status
+        self.detail = detail
+
+    def __repr__(self) -> str:
+        return f"VmExit(reason={self.reason!r}, status={self.status!r}, detail={self.detail!r})"
 
 
-@dataclass
 class HostQuirks:
-    """Instructions an emulation-only host refuses that the VMM completes itself."""
-    complete_int3: bool = False    # 0xCC in 64-bit mode: RIP += 1, inject #BP
-    complete_fwait: bool = False   # 0x9B: RIP += 1 (no x87 exception can be pending)
+    """Instructions an emulation-only host refuses that the VMM completes itself.
+
+    ``complete_int3``: 0xCC in 64-bit mode: RIP += 1, inject #BP.
+    ``complete_fwait``: 0x9B: RIP += 1 (no x87 exception can be pending).
+    """
+
+    __slots__ = ("complete_int3", "complete_fwait")
+
+    def __init__(self, complete_int3: bool = False, complete_fwait: bool = False):
+        self.complete_int3 = complete_int3
+        self.complete_fwait = complete_fwait
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, HostQuirks):
+            return NotImplemented
+        return (self.complete_int3, self.complete_fwait) == (other.complete_int3,
+                                                              other.complete_fwait)
+
+    def __repr__(self) -> str:
+        return (f"HostQuirks(complete_int3={self.complete_int3}, "
+                f"complete_fwait={self.complete_fwait})")
 
 
-@dataclass
 class DiskConfig:
-    """One virtio-blk disk (the CLI's
-    ``--disk PATH[,ro][,snapshot][,serial=ID][,cache=MODE]``)."""
-    path: Path
-    read_only: bool = False
-    serial: str | None = None
-    cache: str = "writeback"
-    #: Writes go to a throwaway overlay; the image itself is never modified.
-    snapshot: bool = False
+    """One virtio-blk disk (the CLI's ``--disk PATH[,ro][,snapshot][,serial=ID][,cache=MODE]``).
+
+    ``snapshot``: writes go to a throwaway overlay; the image itself is never modified.
+    """
+
+    def __init__(self, path: Path, read_only: bool = False, serial: str | None = None,
+                 cache: str = "writeback", snapshot: bool = False):
+        self.path = path
+        self.read_only = read_only
+        self.serial = serial
+        self.cache = cache
+        self.snapshot = snapshot
+
+    def __repr__(self) -> str:
+        return (f"DiskConfig(path={self.path!r}, read_only={self.read_only}, "
+                f"serial={self.serial!r}, cache={self.cache!r}, snapshot={self.snapshot})")
 
 
-@dataclass
+def _discard(data: bytes) -> None:
+    pass
+
+
 class MachineConfig:
-    kernel: Path
-    mem_size: int = 256 << 20
-    cpus: int = 1
-    #: "raw": a bare-metal ELF started in long mode with no boot protocol;
-    #: "linux": the Linux x86 boot protocol (zero page, command line, initrd).
-    kind: str = "raw"
-    initrd: Path | None = None
-    cmdline: str = ""
-    #: Loader path for a bzImage: "auto", "elf" (decompress on the host) or "bzimage".
-    kernel_mode: str = "auto"
-    loop: str = field(default_factory=default_loop)
-    #: Where guest serial output goes (called from the console thread).
-    console: Callable[[bytes], None] = lambda data: None
-    #: Console line prefixes to timestamp in Machine.times, {b"pyvmm: ready": "ready"}.
-    markers: dict[bytes, str] = field(default_factory=dict)
-    quirks: HostQuirks = field(default_factory=HostQuirks)
-    disks: list[DiskConfig] = field(default_factory=list)
-    #: System.map naming kernel functions in diagnostics (default: the ELF's own
-    #: symbols, or a System.map beside the kernel file).
-    system_map: Path | None = None
-    #: Where bytes the guest writes to the second UART (ttyS1) go; Linux guests only.
-    #: Called on a vCPU thread. Host-to-guest bytes: Machine.serial2.enqueue_input.
-    serial2: Callable[[bytes], None] = lambda data: None
+    """What to build. Keyword arguments, all but ``kernel`` optional:
+
+    kernel: the kernel or test-guest file.
+    mem_size: guest RAM in bytes (default 256 MiB). cpus: vCPUs (default 1).
+    kind: "raw" (a bare-metal ELF started in long mode with no boot protocol) or
+        "linux" (the Linux x86 boot protocol: zero page, command line, initrd).
+    initrd, cmdline: Linux only.
+    kernel_mode: loader path for a bzImage: "auto", "elf" (decompress on the host) or
+        "bzimage".
+    loop: "shim" or "python" (default: vcpu.default_loop()).
+    console: where guest serial output goes (called from the console thread).
+    markers: console line prefixes to timestamp in Machine.times, {b"pyvmm: ready": "ready"}.
+    quirks: HostQuirks. disks: a list of DiskConfig.
+    system_map: System.map naming kernel functions in diagnostics (default: the ELF's
+        own symbols, or a System.map beside the kernel file).
+    serial2: where bytes the guest writes to the second UART (ttyS1) go; Linux guests
+        only. Called on a vCPU thread. Host-to-guest bytes: Machine.serial2.enqueue_input.
+    """
+
+    def __init__(self, kernel: Path, *, mem_size: int = 256 << 20, cpus: int = 1,
+                 kind: str = "raw", initrd: Path | None = None, cmdline: str = "",
+                 kernel_mode: str = "auto", loop: str | None = None,
+                 console: Callable[[bytes], None] = _discard,
+                 markers: dict[bytes, str] | None = None, quirks: HostQuirks | None = None,
+                 disks: list[DiskConfig] | None = None, system_map: Path | None = None,
+                 serial2: Callable[[bytes], None] = _discard):
+        self.kernel = kernel
+        self.mem_size = mem_size
+        self.cpus = cpus
+        self.kind = kind
+        self.initrd = initrd
+        self.cmdline = cmdline
+        self.kernel_mode = kernel_mode
+        self.loop = loop if loop is not None else default_loop()
+        self.console = console
+        self.markers = markers if markers is not None else {}
+        self.quirks = quirks if quirks is not None else HostQuirks()
+        self.disks = disks if disks is not None else []
+        self.system_map = system_map
+        self.serial2 = serial2
+
+    def __repr__(self) -> str:
+        return (f"MachineConfig(kernel={self.kernel!r}, mem_size={self.mem_size}, "
+                f"cpus={self.cpus}, kind={self.kind!r}, disks={self.disks!r})")
 
 
 class Machine:

@@ -27,7 +27,6 @@ itself (Linux holds ``rtc_lock``), so there is no lock here.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from collections.abc import Callable
 
 __all__ = ["Cmos"]
@@ -138,29 +137,29 @@ class Cmos:
     # --- Clock --------------------------------------------------------------------
 
     def _time_register(self, index: int) -> int:
-        now = datetime.fromtimestamp(self._clock(), tz=timezone.utc)
+        now = time.gmtime(self._clock())  # (not datetime: it costs start-up time)
         reg_b = self._ram[RTC_REG_B]
         pm = 0
         if index == RTC_SECONDS:
-            value = now.second
+            value = now.tm_sec
         elif index == RTC_MINUTES:
-            value = now.minute
+            value = now.tm_min
         elif index == RTC_HOURS:
-            value = now.hour
+            value = now.tm_hour
             if not reg_b & REG_B_24H_BIT:
                 # 12-hour mode: 1..12, bit 7 set for PM (not BCD-encoded).
                 pm = HOURS_PM_BIT if value >= 12 else 0
                 value = value % 12 or 12
         elif index == RTC_DAY_OF_WEEK:
-            value = (now.weekday() + 1) % 7 + 1  # 1 = Sunday .. 7 = Saturday
+            value = (now.tm_wday + 1) % 7 + 1  # 1 = Sunday .. 7 = Saturday
         elif index == RTC_DAY_OF_MONTH:
-            value = now.day
+            value = now.tm_mday
         elif index == RTC_MONTH:
-            value = now.month
+            value = now.tm_mon
         elif index == RTC_YEAR:
-            value = now.year % 100
+            value = now.tm_year % 100
         else:  # RTC_CENTURY
-            value = now.year // 100
+            value = now.tm_year // 100
         if not reg_b & REG_B_DM_BINARY_BIT:
             value = _bcd(value)
         return value | pm

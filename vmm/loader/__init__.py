@@ -15,7 +15,6 @@ in-guest decompressor would cost minutes (shared/HOST-KVM.md).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from vmm.errors import UserError
 
@@ -24,7 +23,6 @@ class LoaderError(UserError):
     """A kernel, initrd or command line pyvmm cannot use; the message is one line."""
 
 
-@dataclass
 class LoadedKernel:
     """Where a kernel was put in guest memory and how to start it.
 
@@ -44,14 +42,22 @@ class LoadedKernel:
             in-guest decompressor instead of being decompressed here; None otherwise.
     """
 
-    entry: int
-    kind: str
-    setup_header: bytes | None
-    load_end: int
-    codec: str | None = None
-    source: Path | None = None
-    fallback_reason: str | None = None
-    _symbols: object = field(default=None, repr=False, compare=False)
+    # A plain class, not a dataclass: importing dataclasses costs start-up time.
+    def __init__(self, entry: int, kind: str, setup_header: bytes | None, load_end: int,
+                 codec: str | None = None, source: Path | None = None,
+                 fallback_reason: str | None = None):
+        self.entry = entry
+        self.kind = kind
+        self.setup_header = setup_header
+        self.load_end = load_end
+        self.codec = codec
+        self.source = source
+        self.fallback_reason = fallback_reason
+        self._symbols = None
+
+    def __repr__(self) -> str:
+        return (f"LoadedKernel(entry={self.entry:#x}, kind={self.kind!r}, "
+                f"load_end={self.load_end:#x}, codec={self.codec!r}, source={self.source!r})")
 
     @property
     def initrd_addr_max(self) -> int:
@@ -110,7 +116,7 @@ def load_kernel(mem, path: str | Path, *, mode: str = "auto") -> LoadedKernel:
     Raises:
         LoaderError: ``"<path>: <what is wrong>"``, one line.
     """
-    from vmm.loader import bzimage, decompress, elf
+    from vmm.loader import bzimage, elf
 
     if mode not in MODES:
         raise LoaderError(f"unknown kernel mode {mode!r} (use one of {', '.join(MODES)})")
@@ -135,6 +141,7 @@ def load_kernel(mem, path: str | Path, *, mode: str = "auto") -> LoadedKernel:
             fallback_reason = None
             codec = None
             if mode in ("auto", "elf"):
+                from vmm.loader import decompress  # (lzma, bz2, ...: only for a bzImage)
                 try:
                     f.seek(hdr.setup_size + hdr.payload_offset)
                     payload = f.read(hdr.payload_length)

@@ -13,7 +13,7 @@ real-mode setup code (boot sector included), then the protected-mode kernel, who
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from collections import namedtuple
 
 from vmm.arch.x86_64 import layout
 from vmm.loader import LoaderError
@@ -64,25 +64,33 @@ DEFAULT_INITRD_ADDR_MAX = 0x37FFFFFF
 OLD_CMDLINE_SIZE = 255
 
 
-@dataclass(frozen=True)
-class SetupHeader:
-    """The setup-header fields pyvmm uses, plus the raw header bytes from 0x1f1."""
+#: The setup-header fields pyvmm uses, in order, with what each holds.
+_SETUP_HEADER_FIELDS = (
+    "raw",               # file bytes 0x1f1 .. end of header (0x202 + jump byte)
+    "setup_sects",       # 0 in the file means 4 (boot.rst)
+    "version",
+    "loadflags",
+    "xloadflags",
+    "code32_start",
+    "initrd_addr_max",
+    "kernel_alignment",
+    "relocatable",       # bool
+    "cmdline_size",
+    "payload_offset",
+    "payload_length",
+    "pref_address",
+    "init_size",
+    "syssize",           # protected-mode size in 16-byte units (0: unknown, < 2.04)
+)
 
-    raw: bytes                   # file bytes 0x1f1 .. end of header (0x202 + jump byte)
-    setup_sects: int             # 0 in the file means 4 (boot.rst)
-    version: int
-    loadflags: int
-    xloadflags: int
-    code32_start: int
-    initrd_addr_max: int
-    kernel_alignment: int
-    relocatable: bool
-    cmdline_size: int
-    payload_offset: int
-    payload_length: int
-    pref_address: int
-    init_size: int
-    syssize: int = 0             # protected-mode size in 16-byte units (0: unknown, < 2.04)
+
+class SetupHeader(namedtuple("SetupHeader", _SETUP_HEADER_FIELDS, defaults=(0,))):
+    """The setup-header fields pyvmm uses, plus the raw header bytes from 0x1f1.
+
+    (A namedtuple rather than a dataclass: importing dataclasses costs start-up time.)
+    """
+
+    __slots__ = ()
 
     @property
     def setup_size(self) -> int:

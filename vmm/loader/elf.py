@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import os
 import struct
-from dataclasses import dataclass
+from collections import namedtuple
 
 from vmm.arch.x86_64 import layout
 from vmm.loader import LoaderError
@@ -36,24 +36,17 @@ _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 _PHDR = struct.Struct("<IIQQQQQQ")
 
 
-@dataclass(frozen=True)
-class Segment:
-    """One PT_LOAD program header."""
+class Segment(namedtuple("Segment", "offset vaddr paddr filesz memsz flags")):
+    """One PT_LOAD program header (a namedtuple: dataclasses cost start-up time)."""
 
-    offset: int
-    vaddr: int
-    paddr: int
-    filesz: int
-    memsz: int
-    flags: int
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class ElfImage:
-    """What the loader needs from an ELF file: entry and PT_LOAD segments."""
+class ElfImage(namedtuple("ElfImage", "entry segments")):
+    """What the loader needs from an ELF file: ``entry`` (e_entry as written in the file)
+    and ``segments`` (a tuple of PT_LOAD :class:`Segment`)."""
 
-    entry: int          # e_entry as written in the file
-    segments: tuple[Segment, ...]
+    __slots__ = ()
 
     def physical_entry(self) -> int:
         """``e_entry`` as a guest physical address.
