@@ -176,17 +176,31 @@ class Queue:
         self.signalled_used = None
 
     # -- ring access --------------------------------------------------------------------
+    # The 16-bit fields the driver and the device both watch while the other side may
+    # be writing them (flags, idx, used_event, avail_event) are loaded and stored as one
+    # aligned 16-bit access each, through GuestMemory.host_u16: a byte-wise access could
+    # see, or show, a value that was never there (half old, half new; or the zero that
+    # struct.pack_into writes before the value). The rings' alignment (check_layout)
+    # makes every such field 2-byte aligned.
+    def _word(self, gpa: int) -> int:
+        """Index in ``mem.host_u16`` of the ring field at ``gpa`` (checked in RAM)."""
+        host = self.mem.translate(gpa, 2)
+        if host < 0 or host & 1:
+            raise QueueError(f"ring field at {gpa:#x} is outside guest RAM or unaligned")
+        return host >> 1
+
     def _avail_idx(self) -> int:
-        return self.mem.read_int(self.avail_ring + 2, 2)
+        return self.mem.host_u16[self._word(self.avail_ring + 2)]
 
     def _avail_flags(self) -> int:
-        return self.mem.read_int(self.avail_ring, 2)
+        return self.mem.host_u16[self._word(self.avail_ring)]
 
     def _used_event(self) -> int:
-        return self.mem.read_int(self.avail_ring + 4 + 2 * self.size, 2)
+        return self.mem.host_u16[self._word(self.avail_ring + 4 + 2 * self.size)]
 
     def _set_avail_event(self, value: int) -> None:
-        self.mem.write_int(self.used_ring + 4 + USED_ELEM_SIZE * self.size, 2, value)
+        self.mem.host_u16[self._word(self.used_ring + 4 + USED_ELEM_SIZE * self.size)] = \
+            value & 0xFFFF
 
     def pending(self) -> int:
         """Available chains not yet popped.
@@ -301,9 +315,10 @@ class Queue:
             return
         slot = self.next_used % self.size
         elem = self.used_ring + 4 + USED_ELEM_SIZE * slot
+        # The element is not the driver's until the idx store below publishes it.
         self.mem.view(elem, USED_ELEM_SIZE)[:] = struct.pack("<II", head_index, length)
         self.next_used = (self.next_used + 1) & 0xFFFF
-        self.mem.write_int(self.used_ring + 2, 2, self.next_used)
+        self.mem.host_u16[self._word(self.used_ring + 2)] = self.next_used
 
     def needs_notification(self) -> bool:
         """Whether the driver wants a used-buffer notification now (§2.7.7.2, §2.7.10).
