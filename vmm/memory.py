@@ -103,10 +103,12 @@ class GuestMemory:
         self.spans: tuple[tuple[int, int, int], ...] = tuple(
             (r.guest_addr, r.end, r.host_offset) for r in self.regions)
         self._view = memoryview(self._map)
+        self._u16 = self._view.cast("H")
 
     # -- lifetime ------------------------------------------------------------------
     def close(self) -> None:
         if self._map is not None:
+            self._u16.release()
             self._view.release()
             self._map.close()
             self._map = None
@@ -130,6 +132,16 @@ class GuestMemory:
         inline check against :attr:`spans`) has already placed inside one region.
         """
         return self._view
+
+    @property
+    def host_u16(self) -> memoryview:
+        """The mapping as native (little-endian on x86) 16-bit words: item ``i`` is the
+        word at host offset ``2*i``. Loading or storing one item is a single aligned
+        memory access, so a vCPU never sees half of a store, nor we half of its store
+        (``struct.pack_into`` zero-fills its target first, and ``int.from_bytes`` and
+        slice copies may go byte by byte). Unchecked, like :attr:`host_view`.
+        """
+        return self._u16
 
     # -- address translation ----------------------------------------------------------
     def translate(self, gpa: int, length: int) -> int:

@@ -116,6 +116,7 @@ typedef unsigned long u64;
 #define FAIL_STATUS    20   /* a completion's status byte was not 0 */
 #define FAIL_LEN       21   /* a read completed with the wrong used length */
 #define FAIL_ID        22   /* a used element names a descriptor that is no head */
+#define FAIL_USED_IDX  23   /* the used idx moved by more than the requests in flight */
 
 struct desc { u64 addr; u32 len; u16 flags; u16 next; };
 struct blk_hdr { u32 type; u32 reserved; u64 sector; };
@@ -297,6 +298,9 @@ void main(void)
         u16 now = used[1];
         if (now == used_idx)
             continue;
+        /* At most issued - done requests can have completed. A device that stored
+         * the idx non-atomically (a transient 0) once made this look like 65533. */
+        if ((u16)(now - used_idx) > issued - done) leave(FAIL_USED_IDX);
         barrier();
         int submitted = 0;
         while (used_idx != now) {

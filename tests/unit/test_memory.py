@@ -59,3 +59,29 @@ def test_size_limits():
         GuestMemory(0)
     with pytest.raises(GuestMemoryError):
         GuestMemory(10 << 40)
+
+
+def test_translate_agrees_with_view():
+    with GuestMemory(4 << 30) as mem:          # two regions, around the MMIO gap
+        assert mem.spans == tuple((r.guest_addr, r.end, r.host_offset) for r in mem.regions)
+        high = layout.MMIO_GAP_END
+        mem.write(high + 8, b"xyz")
+        off = mem.translate(high + 8, 3)
+        assert off == layout.MMIO_GAP_START + 8
+        assert bytes(mem.host_view[off:off + 3]) == b"xyz"
+        assert mem.translate(0x1000, 16) == 0x1000
+        for gpa, n in ((layout.MMIO_GAP_START - 1, 2), (layout.MMIO_GAP_START, 1),
+                       (high + mem.regions[1].size, 1), (0, -1), ((1 << 64) - 1, 2)):
+            assert mem.translate(gpa, n) == -1
+            assert not mem.contains(gpa, n)
+
+
+def test_host_u16_is_the_mapping_as_words():
+    mem = GuestMemory(4 << 30)
+    off = mem.translate(layout.MMIO_GAP_END + 6, 2)
+    mem.host_u16[off >> 1] = 0xBEEF
+    assert mem.read(layout.MMIO_GAP_END + 6, 2) == b"\xef\xbe"   # little-endian
+    mem.write(0x10, b"\x34\x12")
+    assert mem.host_u16[0x10 >> 1] == 0x1234
+    mem.close()                                   # the word view does not keep the map
+    assert mem.host_buffer is None

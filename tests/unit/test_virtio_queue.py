@@ -397,6 +397,69 @@ def test_event_idx(mem):
     assert q.needs_notification()
 
 
+# --- the translated fast path --------------------------------------------------------------
+def test_descriptor_host_offsets_index_guest_ram(mem):
+    q, r = make_queue(mem)
+    mem.write(0x100100, b"payload")
+    r.publish(r.chain([(0x100100, 7, False), (0x100400, 1, True)]))
+    c = q.pop()
+    assert [bytes(mem.host_view[d.host:d.host + d.len]) for d in c.descriptors] == [
+        b"payload", mem.read(0x100400, 1)]
+
+
+def test_ring_above_4g_and_buffers_in_both_regions():
+    """Guest RAM split around the MMIO gap: host offsets differ from guest addresses."""
+    with GuestMemory(4 << 30) as big:          # MAP_NORESERVE: only touched pages count
+        high = big.regions[1].guest_addr
+        q = Queue(16)
+        q.size = 16
+        q.desc_table, q.avail_ring, q.used_ring = high, high + 0x1000, high + 0x2000
+        assert q.check_layout(big) is None
+        q.ready = True
+        q.activate(big, event_idx=False, indirect=True)
+        r = Rings(big, 16, high, high + 0x1000, high + 0x2000)
+        big.write(high + 0x5000, b"hi")
+        big.write(0x5000, b"lo")
+        r.publish(r.indirect(high + 0x3000, [(high + 0x5000, 2, False), (0x5000, 2, True)]))
+        c = q.pop()
+        assert c.error is None
+        assert [bytes(big.host_view[d.host:d.host + d.len]) for d in c.descriptors] == [
+            b"hi", b"lo"]
+        r.publish(r.chain([(big.regions[0].end - 1, 2, True)]))  # spans the MMIO gap
+        c = q.pop()
+        assert "outside guest RAM" in c.error and c.descriptors[0].host == -1
+        q.add_used(c.head_index, 5)
+        assert r.take_used() == [(c.head_index, 5)]
+
+
+def test_ring_fields_changed_after_activation_are_used(mem):
+    """The ring translation is cached; setting a ring field drops it."""
+    q, r = make_queue(mem)
+    r.publish(r.chain([(0x100000, 8, True)]))
+    assert q.pop() is not None
+    mem.write_int(AVAIL_ADDR + 0x800 + 2, 2, 1)  # another ring, at idx 1: empty now
+    q.avail_ring = AVAIL_ADDR + 0x800
+    assert q.pop() is None
+    q.avail_ring = AVAIL_ADDR
+    q.next_avail = 0
+    assert q.pop() is not None
+
+
+def test_rings_outside_ram_without_check_layout_are_a_queue_error(mem):
+    q, r = make_queue(mem)
+    q.used_ring = MEM_SIZE - 4  # bypassing check_layout(), as no transport does
+    with pytest.raises(QueueError):
+        q.pop()
+
+
+def test_unaligned_rings_without_check_layout_are_a_queue_error(mem):
+    # The idx fields are accessed as aligned 16-bit words (GuestMemory.host_u16).
+    q, r = make_queue(mem)
+    q.avail_ring = AVAIL_ADDR + 1  # bypassing check_layout(), as no transport does
+    with pytest.raises(QueueError, match="aligned"):
+        q.pop()
+
+
 # --- properties ------------------------------------------------------------------------------
 desc_st = st.tuples(
     st.one_of(st.integers(0, MEM_SIZE + 0x1000), st.integers(0, (1 << 64) - 1)),
@@ -434,8 +497,9 @@ def test_random_rings_never_escape(mem, descs, table, heads, idx, indirect):
         for d in c.descriptors:
             if d.in_ram:
                 assert mem.contains(d.addr, d.len)
+                assert d.host == mem.translate(d.addr, d.len) >= 0
             else:
-                assert c.error
+                assert c.error and d.host == -1
         q.add_used(c.head_index, 0)
     assert mem.read(0, DESC_ADDR) == before
 

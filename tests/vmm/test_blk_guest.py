@@ -118,7 +118,9 @@ def test_failed_request_status_ends_the_guest(tiny, loop, disk):
 def test_many_back_to_back_requests_all_complete_ok(tiny, loop, disk):
     # One request in flight, reused 1500 times: the driver resubmits the moment it sees
     # a completion, so a device that published a used entry twice, or before its status
-    # byte, fails here (an optimisation of the request path once did, intermittently).
+    # byte, fails here. An optimisation of the request path once stored the used idx
+    # with struct.pack_into, which writes 0 before the value: the polling driver
+    # sometimes read that 0 (status 23 now, FAIL_USED_IDX; it was 20, a stale status).
     result, out = run(tiny, loop, disk, {"MODE": RANDREAD, "BS": 4096, "QD": 1, "COUNT": 1500,
                                          "SEED": 3})
     assert (result.reason, result.status) == (ExitReason.DEBUG_EXIT, 0), (result, out)

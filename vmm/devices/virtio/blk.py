@@ -24,18 +24,18 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import logging
 import os
 import stat
 import struct
 from typing import Callable, Sequence
 
+from vmm.log import get_logger
 from vmm.memory import GuestMemory
 
 from .queue import DescriptorChain, Queue
 from vmm.errors import UserError
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class BlockError(UserError):
@@ -347,20 +347,25 @@ class VirtioBlk:
         if index >= len(self._queues) or self._mem is None:
             return
         q = self._queues[index]
+        pop, add_used, handle = q.pop, q.add_used, self._handle
         done = 0
         try:
-            while (chain := q.pop()) is not None:
-                # The used element is written only once the request has completed.
-                q.add_used(chain.head_index, self._handle(chain))
+            while (chain := pop()) is not None:
+                # The used element is written only once the request has completed, and
+                # published at once: a polling driver can refill while we go on.
+                add_used(chain.head_index, handle(chain))
                 done += 1
         finally:
             if done and self._signal_used:
                 self._signal_used(index)
 
     # -- requests (§5.2.6) -------------------------------------------------------------------
+    # Data moves through ``GuestMemory.host_view`` at the host offsets the queue's walk
+    # computed for each descriptor (``Descriptor.host``) after checking the whole buffer
+    # is RAM; a "segment" below is such a ``(host offset, length)`` pair, and a part of
+    # one is still inside the checked buffer.
     def _handle(self, chain: DescriptorChain) -> int:
         """Serve one request; returns the used length (bytes written incl. status)."""
-        mem = self._mem
         if chain.structural:
             # The chain's end is unknown, so is its status byte: complete it empty.
             self._log_once(("chain",), "malformed descriptor chain: %s",
@@ -369,68 +374,92 @@ class VirtioBlk:
         descs = chain.descriptors
         # The status byte is the last byte of the device-writable part (§5.2.6 struct
         # virtio_blk_req; §2.7.4 message framing: any descriptor layout is allowed).
-        last_w = next((i for i in range(len(descs) - 1, -1, -1)
-                       if descs[i].write_only and descs[i].len), None)
-        if last_w is None or not descs[last_w].in_ram:
+        for status_desc in reversed(descs):
+            if status_desc.write_only and status_desc.len:
+                break
+        else:
+            status_desc = None
+        if status_desc is None or not status_desc.in_ram:
             self._log_once(("nostatus",), "request without a usable status byte")
             return 0
-        status_desc = descs[last_w]
-        status_addr = status_desc.addr + status_desc.len - 1
-
-        def finish(status: int, data_written: int = 0) -> int:
-            mem.write_int(status_addr, 1, status)
-            return data_written + 1
-
+        view = self._mem.host_view
+        status_at = status_desc.host + status_desc.len - 1
         if chain.error:
             self._log_once(("bad",), "bad descriptor: %s", chain.error)
-            return finish(VIRTIO_BLK_S_IOERR)
-        first_w = next((i for i, d in enumerate(descs) if d.write_only), len(descs))
-        if any(not d.write_only for d in descs[first_w:]):
-            # §2.7.4.2: device-readable descriptors come before device-writable ones.
-            return finish(VIRTIO_BLK_S_IOERR)
-        readable = [(d.addr, d.len) for d in descs[:first_w]]
-        writable = [(d.addr, d.len) for d in descs[first_w:]]
-        r_total = sum(n for _, n in readable)
-        w_total = sum(n for _, n in writable)
-        if r_total < _HEADER.size:
-            return finish(VIRTIO_BLK_S_IOERR)
-        hdr = bytearray(_HEADER.size)
-        self._gather(readable, 0, hdr)
-        rtype, _reserved, sector = _HEADER.unpack(hdr)
-        out_data = _slice(readable, _HEADER.size, r_total - _HEADER.size)
-        in_data = _slice(writable, 0, w_total - 1)
+            view[status_at] = VIRTIO_BLK_S_IOERR
+            return 1
+        # No error: every descriptor is in RAM and has its host offset.
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        r_total = w_total = 0
+        for d in descs:
+            if d.write_only:
+                writable.append((d.host, d.len))
+                w_total += d.len
+            elif writable:
+                # §2.7.4.2: device-readable descriptors come before device-writable ones.
+                view[status_at] = VIRTIO_BLK_S_IOERR
+                return 1
+            else:
+                readable.append((d.host, d.len))
+                r_total += d.len
+        status, data_written = self._serve(view, readable, r_total, writable, w_total)
+        view[status_at] = status
+        return data_written + 1
 
+    def _serve(self, view: memoryview, readable: list[tuple[int, int]], r_total: int,
+               writable: list[tuple[int, int]], w_total: int) -> tuple[int, int]:
+        """Run one well-formed request; returns (status, data bytes written)."""
+        if r_total < _HEADER.size:
+            return VIRTIO_BLK_S_IOERR, 0
+        if readable[0][1] >= _HEADER.size:  # the usual case: the header in one buffer
+            rtype, _reserved, sector = _HEADER.unpack_from(view, readable[0][0])
+        else:
+            hdr = bytearray(_HEADER.size)
+            self._gather(readable, 0, hdr)
+            rtype, _reserved, sector = _HEADER.unpack(hdr)
+        # The data: what follows the header, and what precedes the status byte (the
+        # last byte of the writable part, see _handle).
         if rtype == VIRTIO_BLK_T_IN:
-            status, n = self._read(sector, in_data)
-            return finish(status, n)
+            if writable[-1][1] == 1:  # the usual case: a 1-byte status buffer at the end
+                in_data = writable[:-1]
+            else:
+                in_data = _slice(writable, 0, w_total - 1)
+            return self._read(sector, in_data, w_total - 1)
         if rtype == VIRTIO_BLK_T_OUT:
-            return finish(self._write(sector, out_data))
+            if len(readable) > 1 and readable[0][1] == _HEADER.size:  # header alone first
+                out_data = readable[1:]
+            else:
+                out_data = _slice(readable, _HEADER.size, r_total - _HEADER.size)
+            return self._write(sector, out_data, r_total - _HEADER.size), 0
         if rtype == VIRTIO_BLK_T_FLUSH:
-            return finish(self._flush())
+            return self._flush(), 0
         if rtype == VIRTIO_BLK_T_GET_ID:
             # §5.2.6: 20 bytes, NUL-padded. A smaller buffer gets the first bytes (as
             # QEMU does); the spec leaves that case open.
             n = min(VIRTIO_BLK_ID_BYTES, w_total - 1)
-            self._scatter(in_data, self._serial[:n])
-            return finish(VIRTIO_BLK_S_OK, n)
+            self._scatter(_slice(writable, 0, w_total - 1), self._serial[:n])
+            return VIRTIO_BLK_S_OK, n
         if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
-            return finish(self._discard_or_zero(rtype, readable, r_total))
-        return finish(VIRTIO_BLK_S_UNSUPP)
+            return self._discard_or_zero(rtype, readable, r_total), 0
+        return VIRTIO_BLK_S_UNSUPP, 0
 
     def _gather(self, segs: list[tuple[int, int]], start: int, out: bytearray) -> None:
         """Copy ``len(out)`` bytes at byte ``start`` of ``segs`` into ``out`` (headers only)."""
+        view = self._mem.host_view
         pos = 0
-        for addr, n in _slice(segs, start, len(out)):
-            out[pos:pos + n] = self._mem.view(addr, n)
+        for host, n in _slice(segs, start, len(out)):
+            out[pos:pos + n] = view[host:host + n]
             pos += n
 
     def _scatter(self, segs: list[tuple[int, int]], data: bytes) -> None:
+        view = self._mem.host_view
         pos = 0
-        for addr, n in segs:
+        for host, n in segs:
             if pos >= len(data):
                 break
             k = min(n, len(data) - pos)
-            self._mem.view(addr, k)[:] = data[pos:pos + k]
+            view[host:host + k] = data[pos:pos + k]
             pos += k
 
     def _check_range(self, sector: int, nbytes: int) -> bool:
@@ -441,31 +470,45 @@ class VirtioBlk:
         return sector + (nbytes >> SECTOR_SHIFT) <= self.capacity
 
     def _views(self, segs: list[tuple[int, int]]) -> list[memoryview]:
-        return [self._mem.view(a, n) for a, n in segs if n]
+        view = self._mem.host_view
+        return [view[host:host + n] for host, n in segs if n]
 
-    def _read(self, sector: int, segs: list[tuple[int, int]]) -> tuple[int, int]:
-        nbytes = sum(n for _, n in segs)
-        if not self._check_range(sector, nbytes) or len(segs) > self._iov_max:
+    def _read(self, sector: int, segs: list[tuple[int, int]],
+              nbytes: int | None = None) -> tuple[int, int]:
+        """Read into ``segs`` (host segments, ``nbytes`` in all when the caller has
+        summed them already) from ``sector``; returns (status, bytes read)."""
+        if nbytes is None:
+            nbytes = sum(n for _, n in segs)
+        # _check_range, inlined on this hot path (§5.2.6: whole sectors, in capacity).
+        if (nbytes == 0 or nbytes % SECTOR_SIZE
+                or sector + (nbytes >> SECTOR_SHIFT) > self.capacity
+                or len(segs) > self._iov_max):
             return VIRTIO_BLK_S_IOERR, 0
-        views = self._views(segs)
+        view = self._mem.host_view
+        views = [view[host:host + n] for host, n in segs if n]
         try:
             if self._overlay is not None:
                 done = self._overlay.readv(views, sector << SECTOR_SHIFT)
             else:
-                done = _full_io(os.preadv, self.fd, views, sector << SECTOR_SHIFT)
+                done = _full_io(os.preadv, self.fd, views, sector << SECTOR_SHIFT, nbytes)
         except OSError as e:
             self._log_once(("read", e.errno), "read error: %s", e.strerror)
             return VIRTIO_BLK_S_IOERR, 0
         finally:
-            _release_views(views)
+            for v in views:  # _release_views, inlined on this hot path
+                v.release()
         if done != nbytes:  # the image shrank under us
             return VIRTIO_BLK_S_IOERR, 0
         return VIRTIO_BLK_S_OK, nbytes
 
-    def _write(self, sector: int, segs: list[tuple[int, int]]) -> int:
+    def _write(self, sector: int, segs: list[tuple[int, int]],
+               nbytes: int | None = None) -> int:
+        """Write ``segs`` (host segments, ``nbytes`` in all when the caller has summed
+        them already) at ``sector``; returns the status."""
         if self.read_only:  # §5.2.6.2: IOERR for writes to a VIRTIO_BLK_F_RO device
             return VIRTIO_BLK_S_IOERR
-        nbytes = sum(n for _, n in segs)
+        if nbytes is None:
+            nbytes = sum(n for _, n in segs)
         if not self._check_range(sector, nbytes) or len(segs) > self._iov_max:
             return VIRTIO_BLK_S_IOERR
         views = self._views(segs)
@@ -473,7 +516,7 @@ class VirtioBlk:
             if self._overlay is not None:
                 done = self._overlay.writev(views, sector << SECTOR_SHIFT)
             else:
-                done = _full_io(os.pwritev, self.fd, views, sector << SECTOR_SHIFT)
+                done = _full_io(os.pwritev, self.fd, views, sector << SECTOR_SHIFT, nbytes)
         except OSError as e:
             self._log_once(("write", e.errno), "write error: %s", e.strerror)
             return VIRTIO_BLK_S_IOERR
@@ -580,14 +623,20 @@ def _slice(segs: list[tuple[int, int]], start: int, length: int) -> list[tuple[i
     return out
 
 
-def _full_io(func, fd: int, views: list[memoryview], offset: int) -> int:
-    """Run preadv/pwritev until all of ``views`` is transferred or EOF; bytes moved."""
+def _full_io(func, fd: int, views: list[memoryview], offset: int, nbytes: int = -1) -> int:
+    """Run preadv/pwritev until all of ``views`` is transferred or EOF; bytes moved.
+
+    ``nbytes``, when the caller knows it, is the total of ``views``: a transfer done in
+    one call (the usual case) then returns without the bookkeeping.
+    """
     total = 0
     while views:
         n = func(fd, views, offset)
         if n <= 0:
             break
         total += n
+        if total == nbytes:
+            break
         offset += n
         while views and n >= len(views[0]):
             n -= len(views[0])

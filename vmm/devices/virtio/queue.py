@@ -25,13 +25,13 @@ thread at a time pops from or adds to a given queue (see mmio.py, "Locking").
 
 from __future__ import annotations
 
-import logging
 import struct
-from dataclasses import dataclass, field
+from collections import namedtuple
 
+from vmm.log import get_logger
 from vmm.memory import GuestMemory
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class QueueError(Exception):
@@ -62,6 +62,7 @@ AVAIL_ALIGN = 2
 USED_ALIGN = 4
 
 _DESC = struct.Struct("<QIHH")
+_USED_ELEM = struct.Struct("<II")
 _U64_LIMIT = 1 << 64
 
 
@@ -83,22 +84,25 @@ def is_valid_queue_size(size: int, max_size: int) -> bool:
     return 0 < size <= max_size and size & (size - 1) == 0
 
 
-@dataclass(frozen=True)
-class Descriptor:
+class Descriptor(namedtuple("Descriptor", "addr len write_only in_ram host")):
     """One buffer of a chain: ``len`` bytes at guest address ``addr``.
 
     ``in_ram`` is False for a descriptor that points outside guest RAM (or whose
     addr+len overflows 64 bits); such a buffer must never be accessed, it is kept only
-    so the device knows where the chain ends.
+    so the device knows where the chain ends. ``host`` is where an in-RAM buffer starts
+    in ``GuestMemory.host_view`` (the walk has checked the whole buffer), -1 otherwise.
+
+    A tuple rather than a class: a request has a few of these, made on every request.
     """
 
-    addr: int
-    len: int
-    write_only: bool
-    in_ram: bool = True
+    __slots__ = ()
 
 
-@dataclass
+#: Makes a Descriptor without the namedtuple's Python-level __new__ (the walk's hot
+#: path): ``_new_descriptor(Descriptor, (addr, len, write_only, in_ram, host))``.
+_new_descriptor = tuple.__new__
+
+
 class DescriptorChain:
     """A request popped from the available ring.
 
@@ -112,16 +116,38 @@ class DescriptorChain:
             last descriptor is not necessarily the driver's last one.
     """
 
-    head_index: int
-    descriptors: list[Descriptor] = field(default_factory=list)
-    error: str | None = None
-    structural: bool = False
+    __slots__ = ("head_index", "descriptors", "error", "structural")
+
+    def __init__(self, head_index: int):
+        self.head_index = head_index
+        self.descriptors: list[Descriptor] = []
+        self.error: str | None = None
+        self.structural = False
+
+    def __repr__(self) -> str:
+        return (f"DescriptorChain(head_index={self.head_index}, descriptors="
+                f"{self.descriptors!r}, error={self.error!r}, structural={self.structural})")
 
     def readable(self) -> list[Descriptor]:
         return [d for d in self.descriptors if not d.write_only]
 
     def writable(self) -> list[Descriptor]:
         return [d for d in self.descriptors if d.write_only]
+
+
+def _ring_field(name: str, doc: str) -> property:
+    """A field the ring translation depends on; setting it drops the cached translation
+    (Queue._translate). The hot paths read the ``_name`` attribute behind it."""
+    attr = "_" + name
+
+    def get(self: "Queue"):
+        return getattr(self, attr)
+
+    def set_(self: "Queue", value) -> None:
+        setattr(self, attr, value)
+        self._layout = None
+
+    return property(get, set_, doc=doc)
 
 
 class Queue:
@@ -131,10 +157,17 @@ class Queue:
         max_size: the device's QueueNumMax for this queue (a power of two).
     """
 
+    size = _ring_field("size", "QueueNum: entries in each ring (§2.7).")
+    desc_table = _ring_field("desc_table", "Guest address of the descriptor table.")
+    avail_ring = _ring_field("avail_ring", "Guest address of the available ring.")
+    used_ring = _ring_field("used_ring", "Guest address of the used ring.")
+    mem = _ring_field("mem", "The guest RAM the rings are in (set by activate()).")
+
     def __init__(self, max_size: int):
         if not is_valid_queue_size(max_size, MAX_QUEUE_SIZE):
             raise ValueError(f"queue max size {max_size} is not a power of two <= 32768")
         self.max_size = max_size
+        self._layout: tuple | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -150,6 +183,7 @@ class Queue:
         self.next_used = 0  # the used idx we will publish next
         self.signalled_used: int | None = None  # used idx at the last notification
         self.mem: GuestMemory | None = None
+        self._layout = None
 
     # -- setup ------------------------------------------------------------------------
     def check_layout(self, mem: GuestMemory) -> str | None:
@@ -174,19 +208,62 @@ class Queue:
         self.next_avail = 0
         self.next_used = 0
         self.signalled_used = None
+        self._layout = None
+
+    def _translate(self) -> tuple:
+        """Translate the three ring areas once: ``(words, view, spans, desc, avail,
+        used)``: ``view`` is the whole of guest RAM (GuestMemory.host_view), ``words`` the
+        same as 16-bit words (GuestMemory.host_u16), ``spans`` GuestMemory.spans, and the
+        last three the areas' offsets in ``view`` (``offset >> 1`` indexes ``words``).
+
+        Cached until a ring field or the memory changes; every later ring access
+        indexes ``view`` or ``words`` at these offsets without a region search.
+
+        Raises:
+            QueueError: an area is not inside guest RAM or not aligned (check_layout()
+                refuses such a queue before it is made ready, so only a device
+                bypassing it sees this).
+        """
+        mem = self.mem
+        size = self._size
+        offsets = []
+        for name, addr, align, length in (
+                ("descriptor table", self._desc_table, DESC_ALIGN, desc_table_size(size)),
+                ("available ring", self._avail_ring, AVAIL_ALIGN, avail_ring_size(size)),
+                ("used ring", self._used_ring, USED_ALIGN, used_ring_size(size))):
+            host = mem.translate(addr, length)
+            if host < 0:
+                raise QueueError(f"{name} {addr:#x}+{length:#x} is outside guest RAM")
+            if host % align:  # regions start 2 MiB-aligned: same as addr % align
+                raise QueueError(f"{name} at {addr:#x} is not {align}-byte aligned")
+            offsets.append(host)
+        self._layout = (mem.host_u16, mem.host_view, mem.spans, *offsets)
+        return self._layout
 
     # -- ring access --------------------------------------------------------------------
+    # Every offset below is inside an area _translate() checked: the avail ring holds
+    # flags, idx, ring[size] and used_event; the used ring flags, idx, the elements and
+    # avail_event (§2.7.6, §2.7.8). The 16-bit fields that the driver writes while we
+    # read them, or reads while we write them, go through ``words`` (GuestMemory.host_u16):
+    # one aligned 16-bit access each. A byte-wise access could see, or show, a value that
+    # was never there: half old and half new (int.from_bytes), or the zero that
+    # struct.pack_into stores before the value — a polling driver that read such a
+    # used idx took it for 65533 new completions.
     def _avail_idx(self) -> int:
-        return self.mem.read_int(self.avail_ring + 2, 2)
+        words, _, _, _, avail, _ = self._layout or self._translate()
+        return words[(avail >> 1) + 1]
 
     def _avail_flags(self) -> int:
-        return self.mem.read_int(self.avail_ring, 2)
+        words, _, _, _, avail, _ = self._layout or self._translate()
+        return words[avail >> 1]
 
     def _used_event(self) -> int:
-        return self.mem.read_int(self.avail_ring + 4 + 2 * self.size, 2)
+        words, _, _, _, avail, _ = self._layout or self._translate()
+        return words[(avail >> 1) + 2 + self._size]
 
     def _set_avail_event(self, value: int) -> None:
-        self.mem.write_int(self.used_ring + 4 + USED_ELEM_SIZE * self.size, 2, value)
+        words, _, _, _, _, used = self._layout or self._translate()
+        words[(used >> 1) + 2 + (USED_ELEM_SIZE >> 1) * self._size] = value & 0xFFFF
 
     def pending(self) -> int:
         """Available chains not yet popped.
@@ -197,9 +274,9 @@ class Queue:
                 buffers than there are descriptors).
         """
         n = (self._avail_idx() - self.next_avail) & 0xFFFF
-        if n > self.size:
+        if n > self._size:
             raise QueueError(f"avail idx is {n} entries ahead of the device "
-                             f"(queue size {self.size})")
+                             f"(queue size {self._size})")
         return n
 
     def pop(self) -> DescriptorChain | None:
@@ -211,45 +288,59 @@ class Queue:
         Raises:
             QueueError: the ring is broken (run-ahead idx, head index out of range).
         """
-        if not self.ready or self.mem is None:
+        if not self.ready or self._mem is None:
             return None
-        if self.pending() == 0:
+        words, view, spans, table, avail, _ = self._layout or self._translate()
+        avail >>= 1  # as an index in words
+        size = self._size
+        next_avail = self.next_avail
+        pending = (words[avail + 1] - next_avail) & 0xFFFF
+        if pending > size:  # §2.7.6: at most queue-size buffers can be offered
+            raise QueueError(f"avail idx is {pending} entries ahead of the device "
+                             f"(queue size {size})")
+        if pending == 0:
             if self.event_idx:
                 # §2.7.10: tell the driver which avail idx to notify us at next.
-                self._set_avail_event(self.next_avail)
+                self._set_avail_event(next_avail)
             return None
-        slot = self.next_avail % self.size
-        head = self.mem.read_int(self.avail_ring + 4 + 2 * slot, 2)
-        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        slot = next_avail % size
+        head = words[avail + 2 + slot]
+        self.next_avail = next_avail = (next_avail + 1) & 0xFFFF
         if self.event_idx:
-            self._set_avail_event(self.next_avail)
-        if head >= self.size:  # §2.7.6: ring entries are descriptor-table indexes
+            self._set_avail_event(next_avail)
+        if head >= size:  # §2.7.6: ring entries are descriptor-table indexes
             raise QueueError(f"avail ring entry {slot} names descriptor {head} "
-                             f"(queue size {self.size})")
+                             f"(queue size {size})")
         chain = DescriptorChain(head)
-        self._walk(chain)
+        self._walk(chain, view, spans, table)
         if chain.error:
             log.debug("virtqueue: bad descriptor chain at head %d: %s", head, chain.error)
         return chain
-
-    def _read_desc(self, table: int, index: int) -> tuple[int, int, int, int]:
-        return _DESC.unpack(self.mem.view(table + DESC_SIZE * index, DESC_SIZE))
 
     def _fail(self, chain: DescriptorChain, why: str, structural: bool = True) -> None:
         if chain.error is None:
             chain.error = why
         chain.structural = chain.structural or structural
 
-    def _walk(self, chain: DescriptorChain) -> None:
-        """Follow the chain from ``chain.head_index``, expanding one indirect table."""
-        table, count, index = self.desc_table, self.size, chain.head_index
-        ttl = self.size  # §2.7.5.2: a chain is never longer than the queue size
+    def _walk(self, chain: DescriptorChain, view: memoryview,
+              spans: tuple[tuple[int, int, int], ...], table: int) -> None:
+        """Follow the chain from ``chain.head_index``, expanding one indirect table.
+
+        ``view``, ``spans`` and ``table`` come from :meth:`_translate`. ``table`` is the
+        host offset (in ``view``) of the table being walked: the queue's own, or an
+        indirect one once checked to lie in RAM; ``index`` is always below its ``count``
+        entries, so each 16-byte read stays inside that table.
+        """
+        count = ttl = self._size  # §2.7.5.2: a chain is never longer than the queue size
+        index = chain.head_index
         in_indirect = False
+        append = chain.descriptors.append
+        unpack = _DESC.unpack_from
         while True:
             if ttl == 0:
                 return self._fail(chain, "descriptor chain longer than the queue (a loop?)")
             ttl -= 1
-            addr, length, flags, nxt = self._read_desc(table, index)
+            addr, length, flags, nxt = unpack(view, table + DESC_SIZE * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if not self.indirect:  # §2.7.5.3.1 only if negotiated
                     return self._fail(chain, "indirect descriptor without INDIRECT_DESC")
@@ -266,21 +357,28 @@ class Queue:
                 if n > self.max_size:  # bounded like a direct chain (see seg_max)
                     return self._fail(chain, f"indirect table of {n} descriptors exceeds "
                                              f"{self.max_size}")
-                if addr + length > _U64_LIMIT or not self.mem.contains(addr, length):
+                host = self.mem.translate(addr, length)
+                if addr + length > _U64_LIMIT or host < 0:
                     return self._fail(chain, f"indirect table {addr:#x}+{length:#x} is "
                                              "outside guest RAM")
-                table, count, index, ttl, in_indirect = addr, n, 0, n, True
+                table, count, index, ttl, in_indirect = host, n, 0, n, True
                 continue
-            write_only = bool(flags & VIRTQ_DESC_F_WRITE)
-            in_ram = True
-            if addr + length > _U64_LIMIT:  # §2.7.5: addr/len describe a buffer in memory
-                in_ram = False
-                self._fail(chain, f"descriptor {addr:#x}+{length:#x} overflows", False)
-            elif not self.mem.contains(addr, length):
-                in_ram = False
-                self._fail(chain, f"descriptor {addr:#x}+{length:#x} is outside guest RAM",
-                           False)
-            chain.descriptors.append(Descriptor(addr, length, write_only, in_ram))
+            # §2.7.5: addr/len describe a buffer in guest memory; all of it must be RAM.
+            end = addr + length
+            for start, stop, base in spans:
+                if start <= addr and end <= stop:
+                    append(_new_descriptor(Descriptor, (
+                        addr, length, bool(flags & VIRTQ_DESC_F_WRITE), True,
+                        base + (addr - start))))
+                    break
+            else:
+                if end > _U64_LIMIT:
+                    self._fail(chain, f"descriptor {addr:#x}+{length:#x} overflows", False)
+                else:
+                    self._fail(chain, f"descriptor {addr:#x}+{length:#x} is outside guest "
+                                      "RAM", False)
+                append(_new_descriptor(Descriptor, (
+                    addr, length, bool(flags & VIRTQ_DESC_F_WRITE), False, -1)))
             if not flags & VIRTQ_DESC_F_NEXT:
                 return None
             if nxt >= count:
@@ -297,13 +395,15 @@ class Queue:
             head_index: ``DescriptorChain.head_index`` of the chain.
             length: bytes the device wrote into the chain's device-writable buffers.
         """
-        if self.mem is None:
+        if self._mem is None:
             return
-        slot = self.next_used % self.size
-        elem = self.used_ring + 4 + USED_ELEM_SIZE * slot
-        self.mem.view(elem, USED_ELEM_SIZE)[:] = struct.pack("<II", head_index, length)
-        self.next_used = (self.next_used + 1) & 0xFFFF
-        self.mem.write_int(self.used_ring + 2, 2, self.next_used)
+        words, view, _, _, _, used = self._layout or self._translate()
+        next_used = self.next_used
+        # The element is not the driver's until the idx store below publishes it.
+        _USED_ELEM.pack_into(view, used + 4 + USED_ELEM_SIZE * (next_used % self._size),
+                             head_index, length)
+        self.next_used = next_used = (next_used + 1) & 0xFFFF
+        words[(used >> 1) + 1] = next_used
 
     def needs_notification(self) -> bool:
         """Whether the driver wants a used-buffer notification now (§2.7.7.2, §2.7.10).
@@ -311,7 +411,7 @@ class Queue:
         With VIRTIO_F_EVENT_IDX the driver's used_event says at which used idx it wants
         to hear from us; without it, VIRTQ_AVAIL_F_NO_INTERRUPT is a hint we honour.
         """
-        if self.mem is None:
+        if self._mem is None:
             return False
         new = self.next_used
         if self.event_idx:
