@@ -187,3 +187,8 @@ uint64_t shim_bare_run(int fd, void *runp, uint16_t stop_port, int32_t *last_rea
         }
     }
 }
+
+void shim_mb(void)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}

@@ -43,6 +43,11 @@ void shim_tx_close(struct shim_txbuf *b);
  * (SA_RESTART off, so KVM_RUN returns EINTR). Idempotent. Returns 0 or -errno. */
 int shim_install_kick_handler(int signo);
 
+/* A full memory barrier (mfence on x86-64). Orders a store to memory a vCPU shares
+ * before a later load from it, which plain Python code cannot: virtio's event-idx
+ * checks need it (virtio 1.x section 2.7.10; see vmm/memory.py memory_barrier). */
+void shim_mb(void);
+
 /* Bare loop used by the benchmark as the limit: KVM_RUN until an exit that is not a
  * port write; returns the number of exits. No device logic at all. */
 uint64_t shim_bare_run(int fd, void *run, uint16_t stop_port, int32_t *last_reason);

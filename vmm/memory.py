@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import re
+import threading
 from collections import namedtuple
 
 from vmm.arch.x86_64 import layout
@@ -70,6 +71,25 @@ def ram_regions(size: int) -> list[Region]:
     if size > low:
         regions.append(Region(layout.MMIO_GAP_END, size - low, low))
     return regions
+
+
+def _lock_barrier(_lock=threading.Lock()) -> None:
+    with _lock:  # an atomic read-modify-write: a full barrier on x86
+        pass
+
+
+try:
+    from vmm._shim import lib as _shim_lib
+except ImportError:  # the shim is not built: a slower barrier that is still full
+    _shim_lib = None
+
+#: ``memory_barrier()``: a full memory barrier. A store to guest memory before it is
+#: visible to every vCPU before any load after it is made. x86 may let a load pass an
+#: earlier store (the store waits in the CPU's store buffer), and nothing in Python
+#: code prevents that; virtio's event-idx protocol (§2.7.10) needs "store our index,
+#: barrier, load the other side's index" on both sides. This is the shim's ``shim_mb``
+#: (mfence), or without the shim a lock round trip.
+memory_barrier = _shim_lib.shim_mb if _shim_lib is not None else _lock_barrier
 
 
 class GuestMemory:

@@ -397,6 +397,53 @@ def test_event_idx(mem):
     assert q.needs_notification()
 
 
+def test_event_idx_empty_ring_looks_again_after_setting_avail_event(mem, monkeypatch):
+    """A buffer the driver publishes while the device is finding the ring empty (before
+    the device's avail_event store is visible, so the driver did not notify) is popped
+    by the same pop(): the device sets avail_event, a barrier, then re-reads the idx."""
+    from vmm.devices.virtio import queue as queue_mod
+    q, r = make_queue(mem, event_idx=True)
+    head = r.chain([(0x100000, 8, True)])
+    calls = []
+
+    def barrier_while_the_driver_publishes():
+        calls.append(r.avail_event())  # the device's store came first
+        r.publish(head)
+
+    monkeypatch.setattr(queue_mod, "memory_barrier", barrier_while_the_driver_publishes)
+    chain = q.pop()
+    assert calls == [0]
+    assert chain is not None and chain.head_index == head
+    assert r.avail_event() == 1
+
+
+def test_event_idx_reads_used_event_after_a_barrier(mem, monkeypatch):
+    """needs_notification() reads used_event only after a barrier that follows the used
+    idx store (the driver stores used_event, then re-reads the used idx: §2.7.10)."""
+    from vmm.devices.virtio import queue as queue_mod
+    q, r = make_queue(mem, event_idx=True)
+    for _ in range(2):
+        r.publish(r.chain([(0x100000, 8, True)]))
+    q.add_used(q.pop().head_index, 0)
+    assert q.needs_notification()  # first time: always
+    q.add_used(q.pop().head_index, 0)  # used idx 2; used_event is 0: already passed
+    seen = []
+
+    def barrier_while_the_driver_asks():
+        seen.append(r.used_idx())
+        r.set_used_event(1)  # the driver: "interrupt me when used idx passes 1"
+
+    monkeypatch.setattr(queue_mod, "memory_barrier", barrier_while_the_driver_asks)
+    assert q.needs_notification()
+    assert seen == [2]
+
+
+def test_memory_barrier_is_callable_with_and_without_the_shim():
+    from vmm import memory
+    memory.memory_barrier()
+    memory._lock_barrier()
+
+
 # --- the translated fast path --------------------------------------------------------------
 def test_descriptor_host_offsets_index_guest_ram(mem):
     q, r = make_queue(mem)

@@ -29,7 +29,7 @@ import struct
 from collections import namedtuple
 
 from vmm.log import get_logger
-from vmm.memory import GuestMemory
+from vmm.memory import GuestMemory, memory_barrier
 
 log = get_logger(__name__)
 
@@ -295,13 +295,18 @@ class Queue:
         size = self._size
         next_avail = self.next_avail
         pending = (words[avail + 1] - next_avail) & 0xFFFF
+        if pending == 0 and self.event_idx:
+            # §2.7.10: tell the driver which avail idx to notify us at next, then look
+            # again: a buffer it published before our store was visible may have gone
+            # unnotified (it read the old avail_event). The barrier keeps the re-read
+            # from passing the store.
+            self._set_avail_event(next_avail)
+            memory_barrier()
+            pending = (words[avail + 1] - next_avail) & 0xFFFF
         if pending > size:  # §2.7.6: at most queue-size buffers can be offered
             raise QueueError(f"avail idx is {pending} entries ahead of the device "
                              f"(queue size {size})")
         if pending == 0:
-            if self.event_idx:
-                # §2.7.10: tell the driver which avail idx to notify us at next.
-                self._set_avail_event(next_avail)
             return None
         slot = next_avail % size
         head = words[avail + 2 + slot]
@@ -419,6 +424,9 @@ class Queue:
             old, self.signalled_used = self.signalled_used, new
             if old is None:
                 return True
+            # Our used idx store (add_used) must be visible before we read used_event:
+            # the driver stores used_event, then re-reads the used idx (§2.7.10).
+            memory_barrier()
             event = self._used_event()
             # vring_need_event(): did the used idx pass used_event since the last time?
             return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
