@@ -90,7 +90,6 @@ def test_copy_in_and_copy_out_a_tree(guest_ready, tmp_path):
     script = r"""
 set -e
 /in/exec.sh
-# No two-process pipelines (README, "Known problems"): each step writes a file.
 cd /in && find . -type f > /tmp/files && sort /tmp/files > /tmp/sorted
 while read -r f; do sha256sum "$f"; done < /tmp/sorted
 touch /in/x 2>/dev/null && echo WRITABLE || echo read-only
