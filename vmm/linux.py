@@ -54,6 +54,10 @@ def prepare(cpu_profile: str = "auto", cpus: int = 1, *, root: str | None = None
     if host is not None and host.emulated:
         notes.append(f"note: {host.describe()}; using CPU profile '{profile.name}' "
                      "(override with --cpu-profile)")
+        if "noxsave" in profile.cmdline:
+            notes.append("note: on this host AVX registers are not preserved between guest "
+                         "processes; the default guest keeps glibc off AVX (README, "
+                         "\"Known problems\")")
     if replace is not None:
         cmdline = replace
     else:

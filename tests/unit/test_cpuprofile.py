@@ -30,6 +30,18 @@ def test_auto_picks_host_on_hardware():
     assert not p.quirks.complete_int3 and not p.quirks.complete_fwait
 
 
+@pytest.mark.parametrize("host, want_avx_note", [(EMULATED, True), (HARDWARE, False)])
+def test_prepare_reports_the_host_and_its_avx_caveat(monkeypatch, host, want_avx_note):
+    """linux.prepare("auto") says once why it picked the safe profile, and that AVX
+    state is not preserved between guest processes there (README, "Known problems")."""
+    from vmm import hostcheck, linux
+    monkeypatch.setattr(hostcheck, "probe", lambda: host)
+    setup = linux.prepare("auto")
+    assert ("noxsave" in setup.cmdline.split()) == want_avx_note
+    assert any("emulation-only" in n and "'safe'" in n for n in setup.notes) == want_avx_note
+    assert any("AVX" in n for n in setup.notes) == want_avx_note
+
+
 def test_forced_profiles_and_smp():
     assert select("host", EMULATED).name == "host"
     safe = select("safe", None, cpus=2)
