@@ -28,7 +28,7 @@ PROFILES = ("auto", "host", "safe")
 SAFE_CLEARCPUID = ("smap", "cx16", "popcnt", "xsave", "rdrand", "rdseed")
 
 
-class CpuProfile(namedtuple("CpuProfile", "name cmdline quirks", defaults=((), None))):
+class CpuProfile(namedtuple("CpuProfile", "name cmdline quirks")):
     """``name``, the ``cmdline`` arguments it adds (a tuple), the HostQuirks it needs.
     A namedtuple: dataclasses cost start-up time."""
 

@@ -92,12 +92,6 @@ class HostQuirks:
         self.complete_int3 = complete_int3
         self.complete_fwait = complete_fwait
 
-    def __eq__(self, other) -> bool:
-        if not isinstance(other, HostQuirks):
-            return NotImplemented
-        return (self.complete_int3, self.complete_fwait) == (other.complete_int3,
-                                                              other.complete_fwait)
-
     def __repr__(self) -> str:
         return (f"HostQuirks(complete_int3={self.complete_int3}, "
                 f"complete_fwait={self.complete_fwait})")
