@@ -2,7 +2,9 @@
 
 Boots a guest (the default one unless --kernel/--initrd), runs CMD as its only job,
 streams CMD's stdout and stderr to ours (kernel messages stay apart: --console shows
-them on stderr), copies files out, tears the VM down and exits with CMD's status.
+them on stderr), copies files out, tears the VM down and exits with CMD's status. When
+all goes well stderr holds only CMD's stderr (as with ``podman run``): pyvmm's own
+notes are printed with --verbose, and whenever pyvmm or the guest fails.
 
 Exit status: CMD's own (128 + N if a signal N killed it), else
   2    bad usage or input (one line on stderr)
@@ -10,22 +12,22 @@ Exit status: CMD's own (128 + N if a signal N killed it), else
   125  pyvmm or the guest failed (boot failure, guest crash, copy-out failure);
        the message and the console tail go to stderr
   130  interrupted (SIGINT, SIGTERM)
-
-Only argparse is imported at module level: vmm.cli imports this module for every
-command, so it must stay cheap.
 """
 
 from __future__ import annotations
 
 import argparse
 
-EXIT_USAGE = 2
+from vmm.cli.common import (EXIT_USAGE, Notes, UsageError, add_machine_options,
+                            add_output_options, add_verbose, err, parse_disk, parse_mem,
+                            verbose)
+
 EXIT_TIMEOUT = 124
 EXIT_FAILED = 125
 EXIT_INTERRUPTED = 130
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> None:
     """Add the ``run`` command to ``pyvmm``'s subparsers."""
     r = subparsers.add_parser(
         "run", help="run one command in a disposable guest and exit with its status",
@@ -36,15 +38,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--kernel", help="ELF vmlinux or bzImage (default: the project's guest)")
     r.add_argument("--initrd", help="initramfs with /init and /bin/pyvmm-agent "
                                     "(default: the project's)")
-    r.add_argument("--mem", default="256M", help="guest RAM (default 256M)")
     r.add_argument("--rootfs", metavar="IMG",
                    help="run CMD chrooted in this root filesystem image, on a throwaway "
                         "copy-on-write overlay (the image is never modified)")
-    r.add_argument("--disk", action="append", default=[],
-                   metavar="PATH[,ro][,serial=ID][,cache=MODE]",
-                   help="a virtio-blk disk (repeatable): /dev/vda, /dev/vdb, ... in order")
-    r.add_argument("--timeout", type=float, metavar="SECONDS",
-                   help="stop the guest if CMD runs longer (exit status 124)")
     r.add_argument("--boot-timeout", type=float, default=600, metavar="SECONDS",
                    help="give up if the guest is not ready after this long (default 600)")
     r.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE",
@@ -56,19 +52,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="after CMD ends, copy GUESTPATH (file or tree) to HOSTPATH (repeatable)")
     r.add_argument("--scratch-size", default="256M", metavar="SIZE",
                    help="size of the scratch disk --copy-out copies through (default 256M)")
-    r.add_argument("--cmdline", default="", help="arguments appended to the kernel command line")
-    r.add_argument("--cpu-profile", choices=("auto", "host", "safe"), default="auto",
-                   help="host, safe, or detect (auto, default); see pyvmm boot --help")
-    r.add_argument("--loop", choices=("shim", "python"), default=None,
-                   help="vCPU run loop: the C shim (default) or the pure-Python twin")
     r.add_argument("--console", action="store_true",
                    help="show the guest's console (kernel messages) on stderr")
-    r.add_argument("--console-log", metavar="FILE", help="write the guest's console to FILE")
-    r.add_argument("--timings", action="store_true",
-                   help="print boot / command / teardown times on stderr at the end")
+    add_machine_options(r)
+    add_output_options(r, timings_help="print boot / command / teardown times on stderr "
+                                       "at the end",
+                       timeout_help="stop the guest if CMD runs longer (exit status 124)")
+    add_verbose(r)
     r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
                    help="the command and its arguments, exec'd as given (no shell)")
-    return r
 
 
 def _write_fd(fd: int, data: bytes) -> None:
@@ -81,19 +73,14 @@ def _write_fd(fd: int, data: bytes) -> None:
             return
 
 
-def run(args) -> int:
+def main(args) -> int:
     """Run ``pyvmm run``; returns the exit status (never raises for user errors)."""
     import os
     import signal
-    import sys
     import time
 
-    from vmm.cli import UsageError, _disk, _mem
     from vmm.errors import HostError, UserError
     from vmm.guest import Guest, GuestError, GuestTimeout, parse_copy_spec
-
-    def err(msg: str) -> None:
-        print(f"pyvmm: {msg}", file=sys.stderr, flush=True)
 
     t0 = time.monotonic()
     cmd = list(args.cmd)
@@ -102,8 +89,8 @@ def run(args) -> int:
     try:
         if not cmd:
             raise UsageError("run: no command given (pyvmm run [OPTIONS] -- CMD [ARGS...])")
-        _mem(args.mem)
-        disks = [_disk(spec) for spec in args.disk]
+        parse_mem(args.mem)
+        disks = [parse_disk(spec) for spec in args.disk]
         env = {}
         for item in args.env:
             key, sep, value = item.partition("=")
@@ -153,14 +140,27 @@ def run(args) -> int:
                   cmdline=args.cmdline, cpu_profile=args.cpu_profile, loop=args.loop,
                   boot_timeout=args.boot_timeout, rootfs=args.rootfs,
                   console=console if (args.console or log) else None)
+    notes = Notes(verbose(args))
     status = EXIT_FAILED
     times = {}
+
+    noted = []
+
+    def take_notes() -> None:       # guest.notes is filled while the guest starts
+        if not noted:
+            noted.append(True)
+            notes.add(*guest.notes)
+
+    def failed(message: str) -> None:
+        take_notes()
+        notes.failed()
+        err(message)
+
     try:
         try:
             guest.start()
             times["ready"] = time.monotonic()
-            for note in guest.notes:
-                err(note)
+            take_notes()
             result = guest.run(cmd, timeout=args.timeout, env=env, workdir=args.workdir,
                                stdout=lambda d: _write_fd(1, d), stderr=lambda d: _write_fd(2, d))
             times["command"] = time.monotonic()
@@ -169,10 +169,10 @@ def run(args) -> int:
                 guest.copy_out(guest_path, host_path)
             times["copy-out"] = time.monotonic()
         except GuestTimeout as e:
-            err(str(e))
+            failed(str(e))
             status = EXIT_TIMEOUT
         except GuestError as e:
-            err(str(e))
+            failed(str(e))
             tail = e.console_tail or guest.console_tail()
             if tail and not args.console:
                 err("guest console (tail):")
@@ -185,7 +185,7 @@ def run(args) -> int:
             err(str(e))
             status = EXIT_USAGE
         except (HostError, OSError, ValueError) as e:
-            err(str(e))
+            failed(str(e))
             status = EXIT_FAILED
     finally:
         guest.close()
@@ -206,17 +206,3 @@ def _print_timings(t0: float, gtimes: dict, times: dict) -> None:
     for name, a, b in phases:
         if a is not None and b is not None:
             print(f"pyvmm: timing: {name}: {(b - a) * 1000:.0f} ms", file=sys.stderr)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m vmm.runcli ...``: the same as ``pyvmm run ...``."""
-    from vmm.cli import _Parser
-    p = _Parser(prog="pyvmm")
-    add_parser(p.add_subparsers(dest="command", parser_class=_Parser))
-    import sys
-    return run(p.parse_args(["run", *(sys.argv[1:] if argv is None else argv)]))
-
-
-if __name__ == "__main__":
-    import sys
-    sys.exit(main())

@@ -1,0 +1,216 @@
+"""``pyvmm boot [KERNEL]``: boot a kernel (default: the project's own Linux guest).
+
+Exit status: the guest's (0 after a power-off; a test guest's debug-exit byte), or
+  1  VMM error (KVM unavailable, a bug)        3  guest kernel panic
+  2  bad usage or input (one line on stderr)    4  guest triple fault
+  5  an instruction KVM could not emulate       130  stopped (Ctrl-A x, SIGTERM, timeout)
+
+pyvmm's own notes (the host detection, the decompressor fallback) are printed with
+--verbose, or when the VM ends in a way other than a power-off, reboot, debug-exit or
+a stop that was asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from vmm.cli.common import (T0, EXIT_VMM_ERROR, Notes, UsageError, add_machine_options,
+                            add_output_options, add_verbose, check_file, err, parse_cpus,
+                            parse_disk, parse_mem, verbose)
+
+
+def add_parser(subparsers) -> None:
+    """Add the ``boot`` command to ``pyvmm``'s subparsers."""
+    b = subparsers.add_parser("boot", help="boot a kernel (default: the project's own Linux guest)")
+    b.add_argument("kernel", nargs="?",
+                   help="bzImage or ELF vmlinux (or, with --raw, a bare-metal ELF)")
+    b.add_argument("--cpus", default="1", help="number of vCPUs (default 1)")
+    b.add_argument("--raw", action="store_true",
+                   help="KERNEL is a bare-metal ELF test guest: start it in long mode, "
+                        "no boot protocol")
+    b.add_argument("--initrd", help="initramfs / initrd image")
+    b.add_argument("--cmdline-replace", metavar="CMDLINE",
+                   help="use exactly this kernel command line")
+    b.add_argument("--kernel-mode", choices=("auto", "elf", "bzimage"), default="auto",
+                   help="bzImage loading: decompress on the host (elf), the kernel's own "
+                        "decompressor (bzimage), or elf when possible (auto, default)")
+    b.add_argument("--on-reboot", choices=("exit", "restart"), default="exit",
+                   help="what a guest reboot does (default: exit)")
+    b.add_argument("--system-map", metavar="FILE",
+                   help="System.map naming kernel functions in crash diagnostics")
+    b.add_argument("--root", action="store_true",
+                   help="mount the first --disk as the root filesystem (root=/dev/vda)")
+    add_machine_options(b)
+    add_output_options(b, timings_help="print a table of boot phases at exit",
+                       timeout_help="stop the VM after this long")
+    add_verbose(b)
+
+
+def _check_cpus(cpus: int) -> None:
+    from vmm.arch.x86_64.mptable import MAX_CPUS
+    from vmm.kvm import Kvm
+    with Kvm() as kvm:
+        _, maximum = kvm.max_vcpus()
+    if cpus > min(maximum, MAX_CPUS):
+        raise UsageError(f"--cpus {cpus}: at most {min(maximum, MAX_CPUS)} vCPUs "
+                         f"(KVM allows {maximum}, pyvmm's MP table {MAX_CPUS})")
+
+
+def main(args) -> int:
+    """Run ``pyvmm boot``; returns the exit status (UserError etc. go to vmm.cli.main)."""
+    import signal
+    import time
+
+    from vmm.errors import UserError
+    from vmm.machine import ExitReason, Machine, MachineConfig
+    from vmm.terminal import ConsoleInput, ConsoleOutput
+    from vmm.vcpu import default_loop
+
+    mem_size = parse_mem(args.mem)
+    cpus = parse_cpus(args.cpus)
+    markers = {}
+    if args.kernel is None:
+        if args.raw:
+            raise UsageError("--raw needs a KERNEL (a bare-metal ELF)")
+        from vmm import guestbuild
+        kernel, initrd = guestbuild.default_guest()
+        markers[guestbuild.READY_MARKER.encode()] = "ready"
+    else:
+        kernel = check_file(args.kernel, "kernel")
+        initrd = check_file(args.initrd, "initrd") if args.initrd else None
+    system_map = check_file(args.system_map, "System.map") if args.system_map else None
+    if args.raw and (args.initrd or args.cmdline or args.cmdline_replace):
+        raise UsageError("--raw guests take no --initrd or kernel command line")
+    disks = [parse_disk(spec) for spec in args.disk]
+    if args.root and not disks:
+        raise UsageError("--root needs a --disk")
+
+    if cpus > 1:
+        _check_cpus(cpus)
+
+    linux = None
+    if not args.raw:
+        from vmm import linux as linuxboot
+        root = f"root=/dev/vda {'ro' if disks[0].read_only else 'rw'}" if args.root else None
+        linux = linuxboot.prepare(args.cpu_profile, cpus, root=root, extra=args.cmdline,
+                                  replace=args.cmdline_replace)
+
+    out = ConsoleOutput(log_path=args.console_log)
+    # Added once the VM is built, so that a bad-input error stays one line.
+    notes = Notes(verbose(args), lambda note: _note_line(out, note))
+    status = EXIT_VMM_ERROR
+    interrupted = {"machine": None}
+
+    def on_sigterm(signo, frame):
+        m = interrupted["machine"]
+        if m is not None:
+            m.stop()
+
+    # --timeout covers the whole session, restarts included.
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    old_term = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        while True:
+            config = MachineConfig(
+                kernel=kernel, mem_size=mem_size, cpus=cpus, kind="raw" if args.raw else "linux",
+                initrd=initrd, cmdline=linux.cmdline if linux else "", kernel_mode=args.kernel_mode,
+                loop=args.loop or default_loop(), console=out.write, markers=markers, disks=disks,
+                system_map=system_map)
+            if linux is not None:
+                config.quirks = linux.quirks
+            with Machine(config) as machine:
+                interrupted["machine"] = machine
+                if linux is not None:
+                    notes.add(*linux.notes)
+                    linux.notes = []            # said once, not again on a restart
+                if machine.kernel.fallback_reason:
+                    notes.add("note: starting the kernel's own decompressor: "
+                              + machine.kernel.fallback_reason)
+
+                def help_(text):
+                    out.end_line()
+                    os.write(2, text.encode())
+
+                with ConsoleInput(machine.serial.enqueue_input, machine.serial.input_space,
+                                  machine.stop, help_):
+                    try:
+                        result = machine.run(timeout=None if deadline is None
+                                             else max(deadline - time.monotonic(), 0))
+                    except KeyboardInterrupt:
+                        machine.stop()
+                        result = machine.run()
+                times = dict(machine.times)
+                if os.environ.get("PYVMM_BENCH_STAMPS"):
+                    _write_stamps(os.environ["PYVMM_BENCH_STAMPS"], machine)
+            interrupted["machine"] = None
+            if result.reason is ExitReason.REBOOT and args.on_reboot == "restart":
+                err("guest rebooted: restarting", out)
+                continue
+            break
+        status = result.status
+        if result.reason not in (ExitReason.POWEROFF, ExitReason.DEBUG_EXIT, ExitReason.REBOOT):
+            if result.reason is not ExitReason.STOPPED:
+                notes.failed()
+            err(f"guest ended: {result.reason.value}"
+                + (f": {result.detail}" if result.detail else ""), out)
+        if args.timings:
+            _print_timings(out, times)
+    except (UserError, KeyboardInterrupt):
+        raise
+    except BaseException:       # a VMM error or a bug: the notes may explain it
+        if linux is not None:
+            notes.add(*linux.notes)     # when it failed before the VM was built
+        notes.failed()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        out.close()
+    return status
+
+
+def _note_line(out, note: str) -> None:
+    """A note on stderr, as a line of its own after the console output."""
+    out.end_line()
+    print(note, file=sys.stderr, flush=True)
+
+
+def _write_stamps(path: str, machine) -> None:
+    """For scripts/bench_*.py: phase times (CLOCK_MONOTONIC) and memory use, as JSON."""
+    import json
+    guest_kib = 0
+    base = machine.mem_host_address
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            if "-" in line.split()[0] and not line[0].isupper():
+                inside = int(line.split("-")[0], 16) == base
+            elif inside and line.startswith("Rss:"):
+                guest_kib = int(line.split()[1])
+    with open("/proc/self/status") as f:
+        rss_kib = next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+    data = {"exec": T0, **machine.times, "rss_kib": rss_kib, "guest_rss_kib": guest_kib}
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def _print_timings(out, times: dict[str, float]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    out.end_line()
+    table = Table(title="pyvmm boot timings", title_justify="left")
+    table.add_column("phase")
+    table.add_column("at (ms)", justify="right")
+    table.add_column("took (ms)", justify="right")
+    phases = [("exec (pyvmm start)", T0), ("VMM setup done, kernel entry", times.get("run")),
+              ("first console byte", times.get("first-output")),
+              ("userspace ready marker", times.get("ready")), ("VM exit", times.get("exit"))]
+    prev = T0
+    for name, t in phases:
+        if t is None:
+            table.add_row(name, "-", "-")
+            continue
+        table.add_row(name, f"{(t - T0) * 1000:.0f}", f"{(t - prev) * 1000:.0f}")
+        prev = t
+    Console(stderr=True).print(table)

@@ -1,0 +1,195 @@
+"""What the subcommands share: the parser class, the value parsers and the option groups.
+
+Each option that more than one subcommand takes is defined here once, in a group
+function (``add_machine_options``, ``add_output_options``, ``add_verbose``); a
+subcommand passes only the help text that really differs. ``Notes`` decides when
+pyvmm's own notes reach stderr.
+
+Only argparse, os, sys and time are imported at module level (``pyvmm boot`` must reach
+KVM_RUN within its start-up budget); the value parsers import what they need when
+called. This module imports no other vmm.cli module.
+"""
+
+from __future__ import annotations
+
+import time
+
+#: When pyvmm started (CLOCK_MONOTONIC): the first thing vmm.cli does is import this
+#: module, so this is as close to exec as Python code gets (``--timings``, bench stamps).
+T0 = time.monotonic()
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from vmm.errors import UserError  # noqa: E402
+
+EXIT_VMM_ERROR = 1
+EXIT_USAGE = 2
+
+
+class UsageError(UserError):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage + error otherwise)
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def err(message: str, console=None) -> None:
+    """Print ``pyvmm: MESSAGE`` on stderr (first ending the console's partial line)."""
+    if console is not None:
+        console.end_line()
+    print(f"pyvmm: {message}", file=sys.stderr, flush=True)
+
+
+# -- option groups: each shared option is defined here and nowhere else ----------------
+
+DISK_METAVAR = "PATH[,ro][,snapshot][,serial=ID][,cache=MODE]"
+
+
+def add_machine_options(p: argparse.ArgumentParser) -> None:
+    """--mem, --disk, --cmdline, --cpu-profile, --loop: what the VM is made of."""
+    p.add_argument("--mem", default="256M",
+                   help="guest RAM, e.g. 512M, 1G, 256 (MiB); default 256M")
+    p.add_argument("--disk", action="append", default=[], metavar=DISK_METAVAR,
+                   help="a virtio-blk disk (repeatable; /dev/vda, /dev/vdb, ... in order); "
+                        "snapshot: the guest may write, but PATH is never modified (writes "
+                        "go to a temporary overlay, discarded when the VM ends); "
+                        "cache is writeback (default), none or unsafe (flushes ignored)")
+    p.add_argument("--cmdline", default="",
+                   help="arguments appended to the default kernel command line")
+    p.add_argument("--cpu-profile", choices=("auto", "host", "safe"), default="auto",
+                   help="host: nothing hidden; safe: work around an emulation-only KVM; "
+                        "auto: detect (default)")
+    p.add_argument("--loop", choices=("shim", "python"), default=None,
+                   help="vCPU run loop: the C shim (default) or the pure-Python twin")
+
+
+def add_output_options(p: argparse.ArgumentParser, *, timings_help: str,
+                       timeout_help: str) -> None:
+    """--console-log, --timings, --timeout (their meaning differs a little per command)."""
+    p.add_argument("--console-log", metavar="FILE",
+                   help="append the guest's console output to FILE")
+    p.add_argument("--timings", action="store_true", help=timings_help)
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help=timeout_help)
+
+
+def add_verbose(p: argparse.ArgumentParser) -> None:
+    """--verbose / -v (or PYVMM_VERBOSE=1): show pyvmm's own notes as they arise."""
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="print pyvmm's own notes (host detection, CPU profile) on stderr; "
+                        "without it they are printed only if something fails "
+                        "(PYVMM_VERBOSE=1 does the same)")
+
+
+def verbose(args) -> bool:
+    """Whether --verbose was given or PYVMM_VERBOSE is set (to anything but '' or 0)."""
+    return bool(getattr(args, "verbose", False)) or \
+        os.environ.get("PYVMM_VERBOSE", "") not in ("", "0")
+
+
+class Notes:
+    """pyvmm's own notes (the host-detection note, the AVX note, ...) and when to print them.
+
+    With ``verbose`` a note is written as soon as it is added. Without, it is held, and
+    written only by ``failed()``: when the command then fails the notes explain the
+    host, and when it succeeds stderr holds only what the guest (or CMD) wrote there.
+
+    Args:
+        verbose: write each note at once.
+        write: called with each note to print (default: one line on stderr).
+    """
+
+    def __init__(self, verbose: bool, write=None):
+        self.verbose = verbose
+        self._write = write if write is not None else err_line
+        self.held: list[str] = []
+
+    def add(self, *notes: str) -> None:
+        for note in notes:
+            if self.verbose:
+                self._write(note)
+            else:
+                self.held.append(note)
+
+    def failed(self) -> None:
+        """Something failed: write the notes held until now (each once)."""
+        held, self.held = self.held, []
+        for note in held:
+            self._write(note)
+
+
+def err_line(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# -- value parsers --------------------------------------------------------------------
+
+def check_file(path: str, what: str) -> Path:
+    """``path`` as a Path if it is a readable file; else a UsageError naming ``what``."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{what} {path}: no such file")
+    if p.is_dir():
+        raise UsageError(f"{what} {path}: is a directory")
+    if not os.access(p, os.R_OK):
+        raise UsageError(f"{what} {path}: permission denied")
+    return p
+
+
+def parse_cpus(text: str) -> int:
+    """``--cpus`` text -> a count of at least 1 (the KVM maximum is checked at boot)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise UsageError(f"--cpus must be a whole number, not {text!r}") from None
+    if n < 1:
+        raise UsageError(f"--cpus must be at least 1, not {n}")
+    return n
+
+
+def parse_mem(text: str) -> int:
+    """``--mem`` text (512M, 1G, 256 MiB) -> bytes, within pyvmm's and this host's limits."""
+    from vmm.memory import GuestMemoryError, MAX_MEM_SIZE, MIN_MEM_SIZE, parse_size
+    try:
+        size = parse_size(text)
+    except GuestMemoryError as e:
+        raise UsageError(f"--mem: {e}") from None
+    if size < MIN_MEM_SIZE:
+        raise UsageError(f"--mem {text}: at least {MIN_MEM_SIZE >> 20} MiB is needed")
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if size > min(host, MAX_MEM_SIZE):
+        raise UsageError(f"--mem {text}: more than this host's {host / (1 << 30):.1f} GiB of RAM")
+    return size
+
+
+def parse_disk(spec: str):
+    """``PATH[,ro][,snapshot][,serial=ID][,cache=writeback|none|unsafe]`` -> DiskConfig."""
+    from vmm.config import DiskConfig
+    path, *opts = spec.split(",")
+    if not path:
+        raise UsageError(f"--disk {spec!r}: no path")
+    disk = DiskConfig(Path(path))
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if opt == "ro":
+            disk.read_only = True
+        elif opt == "rw":
+            disk.read_only = False
+        elif opt == "snapshot":
+            disk.snapshot = True
+        elif key == "serial" and value:
+            if len(value.encode()) > 20:
+                raise UsageError(f"--disk {spec}: serial is at most 20 bytes")
+            disk.serial = value
+        elif key == "cache" and value in ("writeback", "none", "unsafe"):
+            disk.cache = value
+        else:
+            raise UsageError(f"--disk {spec}: unknown option {opt!r} "
+                             "(use ro, snapshot, serial=ID, cache=writeback|none|unsafe)")
+    check_file(path, "disk")
+    return disk
