@@ -35,12 +35,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from rich.console import Console
+from rich.table import Table
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from vmm import guestbuild  # noqa: E402
+from vmm import guestbuild
 
 EXIT_STOPPED = 130
 #: (key, label, stamp at the phase's end); each phase starts at the previous one's end.

@@ -8,7 +8,7 @@ Measures, in one run on this host:
     (median of N each): the per-command cost of the control channel and the agent.
 
 Prints a rich table, then one machine-readable line per figure:
-``bench_run <name> <milliseconds>``. On emulation-only KVM hosts (shared/HOST-KVM.md)
+``bench_run <name> <milliseconds>``. On emulation-only KVM hosts (docs/emulation-only-hosts.md)
 the boot dominates; compare figures only within one run.
 
     python scripts/bench_run.py [--runs 3] [--commands 20]
@@ -24,13 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def cli_argv() -> list[str]:
-    from tests.run.conftest import pyvmm_run_argv
-    return pyvmm_run_argv()
+    """The installed pyvmm, as a user runs it (the interpreter's own console script)."""
+    script = Path(sys.executable).with_name("pyvmm")
+    return [str(script), "run"] if script.exists() else [sys.executable, "-m", "vmm.cli", "run"]
 
 
 def bench_cli(runs: int) -> dict[str, list[float]]:

@@ -11,9 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from vmm import guestbuild  # noqa: E402
+from vmm import guestbuild
 
 
 def main() -> int:

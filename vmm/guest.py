@@ -45,15 +45,14 @@ import itertools
 import os
 import queue
 import shlex
-import shutil
 import struct
-import subprocess
-import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+
+# subprocess, shutil and tempfile are imported where they are used (copy-out, images):
+# `pyvmm run` and Guest() start on this module's imports (start-up budget: README).
 
 # --------------------------------------------------------------------------------------
 # The wire protocol (see guests/agent/agent.c, which must agree)
@@ -188,16 +187,32 @@ class FrameParser:
 # --------------------------------------------------------------------------------------
 
 
-@dataclass
 class RunResult:
-    """What a command did: its exit status and everything it wrote."""
-    exit_code: int
-    stdout: bytes = b""
-    stderr: bytes = b""
-    #: The signal that killed it, else None (exit_code is then 128 + signal).
-    signal: int | None = None
-    #: Seconds from sending the command to its EXIT frame.
-    duration: float = 0.0
+    """What a command did: its exit status and everything it wrote.
+
+    ``exit_code``; ``stdout``, ``stderr``; ``signal``: the signal that killed it, else
+    None (exit_code is then 128 + signal); ``duration``: seconds from sending the
+    command to its EXIT frame. (A plain class: importing dataclasses costs start-up.)
+    """
+
+    __slots__ = ("exit_code", "stdout", "stderr", "signal", "duration")
+
+    def __init__(self, exit_code: int, stdout: bytes = b"", stderr: bytes = b"",
+                 signal: int | None = None, duration: float = 0.0):
+        self.exit_code = exit_code
+        self.stdout = stdout
+        self.stderr = stderr
+        self.signal = signal
+        self.duration = duration
+
+    def __repr__(self) -> str:
+        return (f"RunResult(exit_code={self.exit_code!r}, stdout={self.stdout!r}, "
+                f"stderr={self.stderr!r}, signal={self.signal!r}, duration={self.duration!r})")
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, RunResult):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
 
     @property
     def ok(self) -> bool:
@@ -211,11 +226,17 @@ class RunResult:
         return self
 
 
-@dataclass(frozen=True)
 class CopyIn:
     """A host directory made into a read-only ext4 image and mounted at ``guest_path``."""
-    host_path: Path
-    guest_path: str
+
+    __slots__ = ("host_path", "guest_path")
+
+    def __init__(self, host_path: Path, guest_path: str):
+        self.host_path = host_path
+        self.guest_path = guest_path
+
+    def __repr__(self) -> str:
+        return f"CopyIn(host_path={self.host_path!r}, guest_path={self.guest_path!r})"
 
 
 def parse_copy_spec(spec: str, what: str) -> tuple[str, str]:
@@ -339,20 +360,20 @@ class Guest:
         return self
 
     def _boot(self) -> None:
-        from vmm import guestbuild, linux
+        from vmm import defaultguest, linux
         from vmm.machine import DiskConfig, Machine, MachineConfig
         from vmm.vcpu import default_loop
 
         kernel, initrd = self.kernel, self.initrd
         if kernel is None or initrd is None:
-            default_kernel, default_initrd = guestbuild.default_guest()
+            default_kernel, default_initrd = defaultguest.default_guest()
             kernel = kernel or default_kernel
             initrd = initrd or default_initrd
         disks = [d if isinstance(d, DiskConfig) else DiskConfig(Path(d)) for d in self.disks]
-        extra = [guestbuild.AGENT_PARAM]
+        extra = [defaultguest.AGENT_PARAM]
         if self.rootfs is not None:
             disks.insert(0, DiskConfig(self.rootfs, snapshot=True))
-            extra.append(f"{guestbuild.ROOTFS_PARAM}=/dev/vda")
+            extra.append(f"{defaultguest.ROOTFS_PARAM}=/dev/vda")
         mounts = []
         for c in self.copy_in:
             fd = self._image(c.host_path)
@@ -369,7 +390,7 @@ class Guest:
         config = MachineConfig(kernel=Path(kernel), mem_size=self.mem_size, kind="linux",
                                initrd=Path(initrd), cmdline=setup.cmdline,
                                loop=self.loop or default_loop(), console=self._on_console,
-                               markers={guestbuild.READY_MARKER.encode(): "ready"},
+                               markers={defaultguest.READY_MARKER.encode(): "ready"},
                                quirks=setup.quirks, disks=disks, serial2=self._on_serial2)
         self._machine = Machine(config)
         self._thread = threading.Thread(target=self._vm_main, name=self.name, daemon=True)
@@ -500,6 +521,8 @@ class Guest:
             raise GuestError(f"copy-out {guest_path} failed in the guest (status {r.exit_code}): "
                              f"{r.stderr.decode(errors='replace').strip()}")
         debugfs = _tool("debugfs")
+        import subprocess
+        import tempfile
         with tempfile.TemporaryDirectory(prefix=".pyvmm-copyout-", dir=dest.parent) as tmp:
             fd = self._scratch_fd
             proc = subprocess.run([debugfs, "-R", f"rdump /out {tmp}", f"/proc/self/fd/{fd}"],
@@ -526,6 +549,8 @@ class Guest:
     # -- internals -------------------------------------------------------------------------
     def _image(self, source: Path | None, size: int | None = None) -> int:
         """Make an ext4 image, open it, unlink it; return the fd the VMM reaches it by."""
+        import shutil
+        import tempfile
         from vmm.images import make_ext4
 
         tmp = tempfile.mkdtemp(prefix="pyvmm-img-")
@@ -611,6 +636,7 @@ def _vd(index: int) -> str:
 
 
 def _tool(name: str) -> str:
+    import shutil
     path = shutil.which(name) or next((p for p in (f"/sbin/{name}", f"/usr/sbin/{name}")
                                        if os.path.exists(p)), None)
     if path is None:

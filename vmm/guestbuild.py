@@ -3,7 +3,7 @@
 The kernel is Debian's ``linux-source-6.1`` configured from ``make tinyconfig`` plus the
 fragment ``guests/linux/pyvmm.config``, with the patches in ``guests/linux/patches``
 applied (one of them lets user space make system calls on emulation-only nested KVM
-hosts: see shared/HOST-KVM.md and the patch itself). The initramfs is an *uncompressed*
+hosts: see docs/emulation-only-hosts.md and the patch itself). The initramfs is an *uncompressed*
 newc cpio holding Debian's static busybox, its applet links, ``guests/initramfs/init`` and
 ``/bin/pyvmm-agent`` (``guests/agent/agent.c``, compiled here with ``gcc -static -Os``: the
 command runner of disposable guests, docs/disposable-guests.md).
@@ -53,24 +53,14 @@ from vmm.errors import HostError
 # Constants shared with the guest's /init and with the tests
 # --------------------------------------------------------------------------------------
 
-#: Printed by /init on the console once the guest's user space is up.
-READY_MARKER = "pyvmm: ready"
-#: Printed by /init after the ``pyvmm.cmd`` command finished, followed by " <status>".
-EXIT_MARKER = "pyvmm: exit"
+from vmm.defaultguest import (AGENT_PARAM, BUILD_RECIPE_VERSION, CMD_PARAM,  # noqa: F401
+                              EXIT_MARKER, READY_MARKER, ROOTFS_PARAM)
+from vmm.paths import cache_dir as _cache_dir, guests_dir
+
 #: Matches the exit line; group 1 is the command's exit status.
 EXIT_MARKER_RE = re.compile(r"pyvmm: exit (\d+)")
-#: Kernel command-line parameter carrying a base64-encoded shell command for /init.
-CMD_PARAM = "pyvmm.cmd"
-#: Kernel command-line word that makes /init start the agent on ttyS1 (vmm/guest.py).
-AGENT_PARAM = "pyvmm.agent"
-#: Kernel command-line parameter naming the disk the agent chroots commands into.
-ROOTFS_PARAM = "pyvmm.rootfs"
 #: Where the agent lives in the initramfs.
 AGENT_GUEST_PATH = "bin/pyvmm-agent"
-
-#: Bump when the way things are built changes (not needed for input edits: those are
-#: hashed). Part of every cache key.
-BUILD_RECIPE_VERSION = 1
 
 #: bzImage payload compressions :func:`build_kernel` can produce -> Kconfig symbol.
 #: (LZO is left out: it needs ``lzop``, which the host setup does not install.)
@@ -85,8 +75,7 @@ COMPRESSIONS: Mapping[str, str] = {
 }
 _SUPPORTED_COMPRESSIONS = ("gzip", "bzip2", "lzma", "xz", "lz4", "zstd")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-GUESTS_DIR = REPO_ROOT / "guests"
+GUESTS_DIR = Path(guests_dir())
 FRAGMENT_PATH = GUESTS_DIR / "linux" / "pyvmm.config"
 PATCHES_DIR = GUESTS_DIR / "linux" / "patches"
 INIT_SCRIPT_PATH = GUESTS_DIR / "initramfs" / "init"
@@ -130,12 +119,8 @@ class KernelBuild:
 
 
 def cache_dir() -> Path:
-    """Return the cache root: ``$PYVMM_CACHE``, else ``$XDG_CACHE_HOME/pyvmm``, else
-    ``~/.cache/pyvmm`` (not created here)."""
-    if os.environ.get("PYVMM_CACHE"):
-        return Path(os.environ["PYVMM_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg).expanduser() / "pyvmm"
+    """Return the cache root (vmm.paths.cache_dir) as a Path (not created here)."""
+    return Path(_cache_dir())
 
 
 def _digest(obj: object) -> str:
@@ -283,11 +268,21 @@ def _locked(path: Path, progress: "_Progress") -> Iterator[None]:
 
 
 class _Progress:
-    """A rich spinner on stderr with elapsed time and the current step; a no-op when
-    stderr is not a terminal."""
+    """Says what a long build is doing: on a terminal, a rich spinner on stderr with the
+    elapsed time and the current step; otherwise one line when the build starts (what,
+    about how long, where its log is) and one when it ends, so that a CI log or a
+    redirected stderr shows why pyvmm is busy without a line per step.
 
-    def __init__(self, title: str) -> None:
+    Args:
+        title: e.g. "Building guest kernel (gzip)".
+        estimate: rough duration, e.g. "about 5 minutes", or "".
+        log: the build log's path, or None.
+    """
+
+    def __init__(self, title: str, estimate: str = "", log: Path | None = None) -> None:
         self.title = title
+        self.estimate = estimate
+        self.log = log
         self.current = ""
         self.start = time.monotonic()
         self._status = None
@@ -298,20 +293,43 @@ class _Progress:
         elapsed = int(time.monotonic() - self.start)
         return Text(f"{self.title} {elapsed // 60}:{elapsed % 60:02d}  {self.current}")
 
+    def _elapsed(self) -> str:
+        elapsed = int(time.monotonic() - self.start)
+        return f"{elapsed // 60}:{elapsed % 60:02d}"
+
     def __enter__(self) -> "_Progress":
         if sys.stderr.isatty():
             from rich.console import Console
 
             self._status = Console(stderr=True).status(self)
             self._status.__enter__()
+        else:
+            parts = [f"pyvmm: {self.title[0].lower()}{self.title[1:]}"]
+            if self.estimate:
+                parts.append(f"({self.estimate})")
+            if self.log is not None:
+                parts.append(f"; log: {self.log}")
+            print(" ".join(parts).replace(" ;", ";"), file=sys.stderr, flush=True)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type, *exc: object) -> None:
         if self._status is not None:
-            self._status.__exit__(*exc)
+            self._status.__exit__(exc_type, *exc)
+            return
+        what = f"{self.title[0].lower()}{self.title[1:]}"
+        if exc_type is None:
+            print(f"pyvmm: done {what} in {self._elapsed()}", file=sys.stderr, flush=True)
+        else:
+            print(f"pyvmm: {what} failed after {self._elapsed()}", file=sys.stderr, flush=True)
 
     def step(self, text: str) -> None:
         self.current = text
+
+
+def _kernel_estimate() -> str:
+    """About five minutes with 2 CPUs on the hosts this was measured on."""
+    minutes = max(1, round(10 / max(1, len(os.sched_getaffinity(0)))))
+    return f"about {minutes} minute{'s' if minutes > 1 else ''} with {len(os.sched_getaffinity(0))} CPUs"
 
 
 # Kbuild's short log lines: "  CC      kernel/fork.o", "  LD      vmlinux", ...
@@ -426,7 +444,8 @@ def build_kernel(compression: str = "gzip") -> KernelBuild:
     tree_key = tree_cache_key(version, fragment.encode(), patches)
     tree = root / f"linux-tree-{tree_key}"
     log_path = root / f"kernel-{key}.log"
-    with _Progress(f"Building guest kernel ({compression})") as progress, \
+    with _Progress(f"Building guest kernel ({compression})", _kernel_estimate(),
+                   log_path) as progress, \
             _locked(root / f".lock-linux-tree-{tree_key}", progress):
         if out.is_dir():  # built by whoever held the lock before us
             return _kernel_artifacts(out)
@@ -559,7 +578,7 @@ def build_initramfs() -> Path:
     if result.is_file():
         return result
 
-    with _Progress("Building guest initramfs") as progress, \
+    with _Progress("Building guest initramfs", "a few seconds") as progress, \
             _locked(root / f".lock-initramfs-{key}", progress):
         if result.is_file():
             return result
@@ -646,8 +665,24 @@ def _stage_initramfs(stage: Path, busybox: Path, init_data: bytes) -> None:
 def default_guest() -> tuple[Path, Path]:
     """Build (once; cached afterwards) and return ``(vmlinux, initramfs)``: the ELF
     kernel pyvmm boots by default and its uncompressed initramfs (``pyvmm boot``
-    adds the command line: vmm.cli.DEFAULT_CMDLINE plus the CPU profile's options)."""
+    adds the command line: vmm.linux.DEFAULT_CMDLINE plus the CPU profile's options).
+    Callers on the start-up path use vmm.defaultguest.default_guest, which skips this
+    module when nothing changed."""
     return build_kernel().vmlinux, build_initramfs()
+
+
+def input_files() -> list[str]:
+    """Every file whose change may change the default guest (for the manifest of
+    vmm.defaultguest): the guest sources, the kernel source tarball, busybox and the
+    agent's compiler (and the gcc it may wrap)."""
+    files = [FRAGMENT_PATH, *sorted(PATCHES_DIR.glob("*.patch")), INIT_SCRIPT_PATH,
+             AGENT_SOURCE_PATH, SOURCE_TARBALL, _busybox_path()]
+    cc = os.environ.get("CC") or ("musl-gcc" if shutil.which("musl-gcc") else "gcc")
+    for name in (cc, "gcc"):
+        found = shutil.which(name)
+        if found:
+            files.append(Path(found))
+    return [str(p) for p in files]
 
 
 def command_param(command: str) -> str:

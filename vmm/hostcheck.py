@@ -1,11 +1,14 @@
-"""Detects hosts whose KVM interprets guest ring-0 code (see shared/HOST-KVM.md).
+"""Detects hosts whose KVM interprets guest ring-0 code (docs/emulation-only-hosts.md).
 
 On such a host (e.g. a nested, paravirtual KVM backend) guest kernel code runs through
 KVM's instruction emulator at about a million instructions per second, CPUID is not
 filtered, some instructions cannot be emulated and hypercalls hang. pyvmm measures
 this rather than guessing from module names: a probe guest runs a tight ring-0 loop
 and the loop's speed decides. The probe takes ~0.1 ms on ordinary hardware and
-~40 ms on an emulation-only host.
+~20-40 ms on an emulation-only host, so its verdict is kept for the host's boot: a
+small file in the cache directory keyed by the kernel's boot id
+(/proc/sys/kernel/random/boot_id), which changes whenever the host reboots (the only
+time its KVM can change kind). ``PYVMM_PROBE=always`` measures every time.
 """
 
 from __future__ import annotations
@@ -46,13 +49,68 @@ class HostProfile(namedtuple("HostProfile", "emulated mips tsc_khz")):
 
 
 _cached: HostProfile | None = None
+_VERDICT_VERSION = 1
+
+
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def verdict_path() -> str:
+    import os
+    from vmm.paths import cache_dir
+    return os.path.join(cache_dir(), "host-probe.json")
+
+
+def _load_verdict(boot_id: str) -> HostProfile | None:
+    import json
+    try:
+        with open(verdict_path(), "rb") as f:
+            v = json.loads(f.read())
+        if v.get("version") != _VERDICT_VERSION or v.get("boot_id") != boot_id:
+            return None
+        mips, tsc = float(v["mips"]), int(v["tsc_khz"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return HostProfile(emulated=mips < EMULATED_MIPS_THRESHOLD, mips=mips, tsc_khz=tsc)
+
+
+def _save_verdict(boot_id: str, host: HostProfile) -> None:
+    import json
+    from vmm.paths import write_atomic
+    try:
+        write_atomic(verdict_path(), json.dumps({
+            "version": _VERDICT_VERSION, "boot_id": boot_id, "mips": host.mips,
+            "tsc_khz": host.tsc_khz}).encode())
+    except OSError:
+        pass  # an unwritable cache only means measuring again next time
 
 
 def probe(kvm: kvmlib.Kvm | None = None) -> HostProfile:
-    """Measure this host once per process (cached)."""
+    """This host's profile: measured once per host boot (kept in the cache directory
+    by boot id; see the module docstring), and once per process at most."""
     global _cached
     if _cached is not None:
         return _cached
+    import os
+    boot_id = None if os.environ.get("PYVMM_PROBE") == "always" else _boot_id()
+    if boot_id is not None:
+        host = _load_verdict(boot_id)
+        if host is not None:
+            _cached = host
+            return host
+    _cached = measure(kvm)
+    if boot_id is not None:
+        _save_verdict(boot_id, _cached)
+    return _cached
+
+
+def measure(kvm: kvmlib.Kvm | None = None) -> HostProfile:
+    """Run the probe guest now (no caching)."""
     from vmm.vcpu import native
     shim = native()
     own = kvm is None
@@ -85,5 +143,4 @@ def probe(kvm: kvmlib.Kvm | None = None) -> HostProfile:
         if own:
             kvm.close()
     mips = 2 * PROBE_LOOPS / elapsed / 1e6
-    _cached = HostProfile(emulated=mips < EMULATED_MIPS_THRESHOLD, mips=mips, tsc_khz=tsc)
-    return _cached
+    return HostProfile(emulated=mips < EMULATED_MIPS_THRESHOLD, mips=mips, tsc_khz=tsc)

@@ -17,8 +17,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 from vmm.errors import UserError
+from vmm.paths import cache_dir as _cache_dir, guests_dir
 
-SOURCE_DIR = Path(__file__).resolve().parent.parent / "guests" / "tiny"
+SOURCE_DIR = Path(guests_dir()) / "tiny"
 
 
 #: gcc flags for C guests: freestanding, no red zone (no IDT stack switching to care
@@ -34,9 +35,7 @@ class TinyGuestError(UserError):
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("PYVMM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pyvmm")
-    return Path(base)
+    return Path(_cache_dir())
 
 
 def available() -> list[str]:

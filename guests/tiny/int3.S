@@ -1,5 +1,5 @@
 /* Executes int3 (handled by its own #BP handler, vector 3) and fwait, then exits 0.
- * On emulation-only KVM hosts both need the VMM's quirk completion (HOST-KVM.md). */
+ * On emulation-only KVM hosts both need the VMM's quirk completion (docs/emulation-only-hosts.md). */
 #include "tiny.h"
 .code64
 .globl _start

@@ -1,7 +1,7 @@
 """Fixtures for the tests that boot the project's default Linux guest.
 
 Every test here is marked ``linux`` (see each module's ``pytestmark``): they cost about
-a minute per boot on emulation-only KVM hosts (shared/HOST-KVM.md), so run or skip them
+a minute per boot on emulation-only KVM hosts (docs/emulation-only-hosts.md), so run or skip them
 as a group with ``-m linux`` / ``-m "not linux"``.
 
 The guest is built once and cached (vmm.guestbuild); the fixtures skip, with the reason,

@@ -9,7 +9,7 @@ Public API::
 
 A bzImage is preferably decompressed on the host (vmm/loader/decompress.py) and its
 vmlinux started at ``startup_64``: on hosts that interpret guest ring-0 code, the
-in-guest decompressor would cost minutes (shared/HOST-KVM.md).
+in-guest decompressor would cost minutes (docs/emulation-only-hosts.md).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ one of six codecs, chosen by CONFIG_KERNEL_{GZIP,BZIP2,LZMA,XZ,LZO,LZ4,ZSTD}, an
 (scripts/Makefile.lib ``size_append``). Every decoder here therefore stops at the
 end of its stream and ignores what follows.
 
-On hosts that interpret guest ring-0 code (see shared/HOST-KVM.md) the in-guest
+On hosts that interpret guest ring-0 code (see docs/emulation-only-hosts.md) the in-guest
 decompressor would take minutes; doing it here takes a fraction of a second.
 """
 

@@ -6,7 +6,7 @@ Normalisation (what Firecracker and QEMU do too): the APIC ID of each vCPU in le
 paravirt leaves (0x40000000...) are passed on as KVM reports them.
 
 Note: on emulation-only hosts CPUID executed by the guest returns the *host's* values
-whatever this table says (see HOST-KVM.md); the table still matters there because
+whatever this table says (see docs/emulation-only-hosts.md); the table still matters there because
 KVM's own emulation (the LAPIC's TSC-deadline timer, for one) follows it.
 """
 

@@ -18,7 +18,7 @@ section 4.3 asks for, by entry type):
   n = 0..15. This is the identity routing KVM installs by default
   (kvm_setup_default_irq_routing: GSI n drives 8259 input n and I/O APIC pin n), so
   the PIT's IRQ 0 arrives on pin 0 -- not on pin 2 as on PC firmware with an
-  interrupt source override (HOST-KVM.md: IRQ 0 must map to pin 0). Firecracker
+  interrupt source override (docs/emulation-only-hosts.md: IRQ 0 must map to pin 0). Firecracker
   (arch/x86_64/mptable.rs) and kvmtool (x86/mptable.c) write the same identity
   routing.
 - two local interrupt entries (4.3.5): LINT0 ExtINT and LINT1 NMI, both to every
