@@ -26,3 +26,14 @@ class LazyLogger:
 
 def get_logger(name: str) -> LazyLogger:
     return LazyLogger(name)
+
+
+def log_once(logger, seen: set, key, msg: str, *args) -> None:
+    """``logger.warning(msg, *args)`` the first time ``key`` is seen (``seen`` records it).
+
+    For what a guest can cause over and over (a malformed request, an unknown register):
+    one line per kind of mistake, not a flood.
+    """
+    if key not in seen:
+        seen.add(key)
+        logger.warning(msg, *args)

@@ -1,5 +1,8 @@
-"""Snapshot disks: the copy-on-write overlay (vmm/devices/virtio/overlay.py) and
-virtio-blk's snapshot mode (blk.py, ``snapshot=True``). No VM.
+"""Snapshot disks: the copy-on-write overlay (vmm/disk/overlay.py) and virtio-blk's
+snapshot mode (vmm/devices/virtio/blk.py, ``snapshot=True``). No VM.
+
+The interface both backends share is tested on each in test_disk.py; here, what is the
+overlay's own.
 
 What must hold: reads always see what was written (a bytearray model); the base image's
 bytes and mtime never change; the overlay file leaves nothing behind, after close and
@@ -22,7 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vmm.devices.virtio import blk as B
-from vmm.devices.virtio import overlay as O
+from vmm.disk import RawDisk
+from vmm.disk import overlay as O
 from vmm.memory import GuestMemory
 
 from .test_virtio_blk import DISK_SECTORS, Env, pattern, segment
@@ -77,11 +81,9 @@ def _ov_read(ov: O.Overlay, off: int, n: int, split: int | None = None) -> bytes
 
 @pytest.fixture
 def ov(base):
-    fd = os.open(base, os.O_RDONLY)
-    o = O.Overlay(fd, os.path.getsize(base), [str(base.parent)])
+    o = O.Overlay(RawDisk(base, read_only=True), [str(base.parent)])
     yield o
-    o.close()
-    os.close(fd)
+    o.close()  # the base too
 
 
 def test_overlay_copy_up_of_partial_blocks(ov, base):
@@ -130,21 +132,16 @@ def test_mkstemp_fallback_leaves_nothing(base, monkeypatch):
         return real_open(path, flags, *a)
     monkeypatch.setattr(os, "open", no_tmpfile)
     before = set(os.listdir(base.parent))
-    fd = real_open(base, os.O_RDONLY)
-    try:
-        with O.Overlay(fd, 8192, [str(base.parent)]) as o:
-            assert set(os.listdir(base.parent)) == before
-            o.writev([memoryview(b"x" * 512)], 0)
-            assert any(O.TEMP_PREFIX in t for t in _overlay_fds())
-    finally:
-        os.close(fd)
+    with O.Overlay(RawDisk(base, read_only=True), [str(base.parent)]) as o:
+        assert set(os.listdir(base.parent)) == before
+        o.writev([memoryview(b"x" * 512)], 0)
+        assert any(O.TEMP_PREFIX in t for t in _overlay_fds())
     assert not any(O.TEMP_PREFIX in t for t in _overlay_fds())
 
 
 def test_unwritable_directories(base, tmp_path, monkeypatch):
     """The base's directory is read-only: the overlay goes to the next directory; with
     none left, a one-line error naming TMPDIR."""
-    fd = os.open(base, os.O_RDONLY)
     other = tmp_path / "tmp"
     other.mkdir()
     real_open = os.open
@@ -154,13 +151,12 @@ def test_unwritable_directories(base, tmp_path, monkeypatch):
             raise PermissionError(errno.EACCES, "Permission denied")
         return real_open(path, flags, *a)
     monkeypatch.setattr(os, "open", deny)
-    try:
-        with O.Overlay(fd, 4096, [str(base.parent), str(other)]) as o:
-            assert o.directory == str(other)
-        with pytest.raises(O.OverlayError, match="TMPDIR"):
-            O.Overlay(fd, 4096, [str(base.parent)])
-    finally:
-        os.close(fd)
+    with O.Overlay(RawDisk(base, read_only=True), [str(base.parent), str(other)]) as o:
+        assert o.directory == str(other)
+    with RawDisk(base, read_only=True) as raw:  # a failed Overlay leaves the base open
+        with pytest.raises(O.OverlayError, match="base.img: .*TMPDIR"):
+            O.Overlay(raw, [str(base.parent)])
+        assert raw.fd >= 0
 
 
 def test_overlay_dirs_prefers_the_base_directory(base):
@@ -259,7 +255,7 @@ def test_snapshot_locks(base):
 def test_read_only_snapshot_is_read_only(base):
     with B.VirtioBlk(base, snapshot=True, read_only=True) as d:
         assert d.features >> B.VIRTIO_BLK_F_RO & 1 and not d.snapshot
-        assert d._overlay is None
+        assert type(d.backend) is RawDisk
 
 
 def test_bad_serial_closes_the_overlay(base):
@@ -333,7 +329,7 @@ def test_model(tmp_path_factory, ops, odd_tail):
                 got = b"".join(mem.read(a, k) for a, k in segs)
                 assert got == bytes(model[off:off + n])
             else:
-                dev._overlay.zero(off, n)
+                dev.backend.zero(off, n)
                 model[off:off + n] = bytes(n)
         assert _overlay_fds() != fds
         # Everything reads back as the model, in one request.
@@ -352,7 +348,7 @@ CHILD = textwrap.dedent("""
     from vmm.devices.virtio.blk import VirtioBlk
     dev = VirtioBlk(sys.argv[1], snapshot=True)
     data = memoryview(b"\\x5a" * (1 << 20))
-    assert dev._overlay.writev([data], 4096 + 512) == len(data)
+    assert dev.backend.writev([data], 4096 + 512) == len(data)
     print(os.getpid(), flush=True)
     time.sleep(60)
 """)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from vmm.devices.virtio import blk as B
 from vmm.devices.virtio import mmio as M
+from vmm.disk import raw as R
 from vmm.memory import GuestMemory
 
 try:
@@ -221,7 +222,7 @@ def test_flush_calls_fdatasync(env, monkeypatch):
     real = os.fdatasync
     monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real(fd)))
     assert env.request(B.VIRTIO_BLK_T_FLUSH) == (OK, 1, b"")
-    assert calls == [env.dev.fd]
+    assert calls == [env.dev.backend.fd]
 
 
 def test_flush_error_is_ioerr(env, monkeypatch):
@@ -264,7 +265,7 @@ def test_default_serial(env):
 def _punch_hole_supported(path) -> bool:
     fd = os.open(path, os.O_RDWR)
     try:
-        B.fallocate(fd, B.FALLOC_FL_PUNCH_HOLE | B.FALLOC_FL_KEEP_SIZE, 0, 4096)
+        R.fallocate(fd, R.FALLOC_FL_PUNCH_HOLE | R.FALLOC_FL_KEEP_SIZE, 0, 4096)
         return True
     except OSError:
         return False
@@ -306,7 +307,7 @@ def test_write_zeroes(env, disk, flags):
 def test_write_zeroes_without_fallocate_support(env, disk, monkeypatch):
     def nope(*a):
         raise OSError(errno.EOPNOTSUPP, "not supported")
-    monkeypatch.setattr(B, "fallocate", nope)
+    monkeypatch.setattr(R, "fallocate", nope)
     assert env.request(B.VIRTIO_BLK_T_WRITE_ZEROES, out=segment(0, 4))[0] == OK
     assert disk.read_bytes()[:2048] == bytes(2048)
     assert env.request(B.VIRTIO_BLK_T_DISCARD, out=segment(0, 4))[0] == OK  # a hint

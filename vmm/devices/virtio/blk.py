@@ -1,45 +1,35 @@
-"""virtio-blk device model (virtio 1.2 §5.2) backed by a raw image file or block device.
+"""virtio-blk device model (virtio 1.2 §5.2): virtio only, the data is a disk backend's.
 
 Requests are served synchronously by :meth:`VirtioBlk.process_queue`, which the
-transport calls on the VMM's I/O thread (see mmio.py, "Locking"). Data moves with
-``os.preadv``/``os.pwritev`` straight between the file and views of guest memory; no
+transport calls on the VMM's I/O thread (see mmio.py, "Locking"). This module parses
+requests, checks them against the spec and answers with a status; the bytes come from
+and go to a :class:`vmm.disk.DiskBackend` (a raw image, or for snapshot disks a
+copy-on-write overlay over it: see vmm/disk/), which moves them with
+``os.preadv``/``os.pwritev`` straight between the image and views of guest memory; no
 request data is copied through Python objects.
 
-Cache modes (``cache=``):
-
-* ``writeback`` (default): FLUSH requests call ``fdatasync`` before completing.
-* ``none``: the same semantics here. O_DIRECT is deliberately not used: it needs
-  sector-aligned host buffers and guest buffers are not necessarily aligned; the
-  guest's FLUSH still makes data durable.
-* ``unsafe``: FLUSH completes at once without syncing (for throwaway test disks).
-
-Snapshot disks (``snapshot=True``): the image is opened read-only and shared-locked,
-and the guest's writes go to a copy-on-write overlay (overlay.py) that is an unlinked
-temporary file: the image is never modified, and the overlay vanishes with the VM, also
-on SIGKILL. FLUSH completes at once in every cache mode: nothing is meant to survive.
+What ``cache=`` and ``snapshot=`` mean is the backends' (vmm/disk/raw.py, overlay.py):
+FLUSH asks the backend to make completed writes durable.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import fcntl
 import os
-import stat
 import struct
 from typing import Callable, Sequence
 
-from vmm.log import get_logger
+from vmm.disk import CACHE_MODES, DiskBackend, DiskError, open_disk  # noqa: F401 (API)
+from vmm.log import get_logger, log_once
 from vmm.memory import GuestMemory
 
+from .mmio import VIRTIO_F_VERSION_1
 from .queue import DescriptorChain, Queue
-from vmm.errors import UserError
 
 log = get_logger(__name__)
 
-
-class BlockError(UserError):
-    """A disk image pyvmm cannot use (one line, meant for the user)."""
+#: A disk pyvmm cannot use, or a bad disk option (one line, meant for the user): the
+#: disk backends' error, so a caller catches one class for the device and its image.
+BlockError = DiskError
 
 
 #: Virtio device ID of a block device (§5.2.1).
@@ -57,7 +47,6 @@ VIRTIO_BLK_F_CONFIG_WCE = 11
 VIRTIO_BLK_F_MQ = 12
 VIRTIO_BLK_F_DISCARD = 13
 VIRTIO_BLK_F_WRITE_ZEROES = 14
-VIRTIO_F_VERSION_1 = 32
 
 # --- Request types (§5.2.6) ----------------------------------------------------------
 VIRTIO_BLK_T_IN = 0
@@ -123,70 +112,25 @@ CONFIG_FIELDS = {
 }
 CONFIG_SIZE = 60  # through unused1[3] after write_zeroes_may_unmap
 
-CACHE_MODES = ("writeback", "none", "unsafe")
-
-# --- fallocate(2) --------------------------------------------------------------------
-# os.posix_fallocate() cannot pass mode flags, and DISCARD / WRITE_ZEROES need
-# FALLOC_FL_PUNCH_HOLE and FALLOC_FL_ZERO_RANGE, so we call libc's fallocate directly.
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
-_libc = ctypes.CDLL(None, use_errno=True)  # the process's own libc (Linux)
-_libc_fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
-_libc_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-_libc_fallocate.restype = ctypes.c_int
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with mode flags. Raises OSError."""
-    if _libc_fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-# --- Image locking ----------------------------------------------------------------------
-#: F_OFD_SETLK (Linux 3.15+); Python's fcntl exports it from 3.9 on Linux.
-F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
-
-
-def _ofd_lock(fd: int, path: str, exclusive: bool) -> None:
-    """Lock the whole image with an open-file-description lock.
-
-    OFD locks belong to the open file, not the process: they are not lost when another
-    fd on the same file is closed, and they conflict between two opens in one process
-    too (two VMs in one test process still exclude each other).
-    """
-    l_type = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
-    # struct flock: short l_type, short l_whence, off_t l_start, off_t l_len,
-    # pid_t l_pid (must be 0 for OFD locks); native alignment pads it to 32 bytes.
-    arg = struct.pack("hhqqi4x", l_type, os.SEEK_SET, 0, 0, 0)
-    try:
-        fcntl.fcntl(fd, F_OFD_SETLK, arg)
-    except OSError as e:
-        if e.errno in (errno.EAGAIN, errno.EACCES):
-            raise BlockError(f"{path} is in use by another VM") from None
-        # EINVAL / ENOLCK / EOPNOTSUPP: the kernel or filesystem has no OFD locks.
-        log.warning("cannot lock %s (%s); make sure no other VM uses it", path, e.strerror)
-
-
 def _release_views(views: list[memoryview]) -> None:
     for v in views:
         v.release()
 
 
 class VirtioBlk:
-    """A virtio block device serving one image file.
+    """A virtio block device serving one disk.
 
     Args:
-        path: a raw disk image (regular file) or a block device.
+        path: a raw disk image (regular file) or a block device, opened with
+            :func:`vmm.disk.open_disk`; or an open :class:`~vmm.disk.DiskBackend`,
+            which the device then owns (closes).
         read_only: open read-only, offer VIRTIO_BLK_F_RO and refuse every write.
         serial: the GET_ID answer (at most 20 ASCII bytes); by default one derived
             from the image's device and inode numbers.
-        cache: ``writeback``, ``none`` or ``unsafe`` (see the module docstring).
+        cache: ``writeback``, ``none`` or ``unsafe`` (vmm/disk/raw.py).
         snapshot: keep the image unmodified and send writes to a throwaway overlay
-            (see the module docstring). With ``read_only`` it changes nothing: a
-            read-only disk needs no overlay.
+            (vmm/disk/overlay.py). With ``read_only`` it changes nothing: a read-only
+            disk needs no overlay.
     Raises:
         BlockError: the image is missing, a directory, unreadable, locked by another
             VM, no overlay file can be created, or an option is invalid.
@@ -195,65 +139,35 @@ class VirtioBlk:
     device_id = VIRTIO_ID_BLOCK
     queue_max_sizes = (QUEUE_SIZE,)
 
-    def __init__(self, path: str | os.PathLike, *, read_only: bool = False,
+    def __init__(self, path: str | os.PathLike | DiskBackend, *, read_only: bool = False,
                  serial: str | None = None, cache: str = "writeback",
                  snapshot: bool = False):
-        path = os.fspath(path)
-        if cache not in CACHE_MODES:
-            raise BlockError(f"unknown cache mode {cache!r} (use {', '.join(CACHE_MODES)})")
-        self.path = path
-        self.read_only = read_only
+        sid = None
+        if serial is not None:  # checked first: a bad option opens nothing
+            try:
+                sid = serial.encode("ascii")
+            except UnicodeEncodeError:
+                sid = b""
+            if not sid and serial or len(sid) > VIRTIO_BLK_ID_BYTES:
+                raise BlockError(f"disk serial {serial!r} must be at most 20 ASCII characters")
+        if isinstance(path, DiskBackend):
+            backend = path
+        else:
+            backend = open_disk(path, read_only=read_only, cache=cache, snapshot=snapshot)
+        #: Where the data is (vmm/disk): every request's I/O goes through it.
+        self.backend = backend
+        self.path = backend.path
+        self.read_only = read_only = read_only or backend.read_only
         self.cache = cache
         self.snapshot = snapshot and not read_only
-        self._overlay = None
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise BlockError(f"disk image {path} does not exist") from None
-        except OSError as e:
-            raise BlockError(f"cannot open disk image {path}: {e.strerror}") from None
-        if stat.S_ISDIR(st.st_mode):
-            raise BlockError(f"{path} is a directory, not a disk image")
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise BlockError(f"{path} is not a regular file or block device")
-        # A snapshot's image is only read; its shared lock lets several snapshot or
-        # read-only VMs use one image and keeps read-write VMs off it (and vice versa).
-        writes_image = not read_only and not self.snapshot
-        flags = (os.O_RDWR if writes_image else os.O_RDONLY) | os.O_CLOEXEC
-        try:
-            self.fd = os.open(path, flags)
-        except PermissionError:
-            how = "writing (use a read-only disk?)" if writes_image else "reading"
-            raise BlockError(f"cannot open disk image {path} for {how}: permission denied") \
-                from None
-        except OSError as e:
-            raise BlockError(f"cannot open disk image {path}: {e.strerror}") from None
-        try:
-            _ofd_lock(self.fd, path, exclusive=writes_image)
-            size = os.lseek(self.fd, 0, os.SEEK_END)
-            if self.snapshot:
-                from .overlay import Overlay, OverlayError, overlay_dirs  # imports blk
-                try:
-                    self._overlay = Overlay(self.fd, size, overlay_dirs(path))
-                except OverlayError as e:
-                    raise BlockError(f"{path}: {e}") from None
-        except BaseException:
-            os.close(self.fd)
-            raise
+        size = backend.size
         if size % SECTOR_SIZE:
             log.warning("%s: size is not a multiple of 512; the last %d bytes are not "
-                        "visible to the guest", path, size % SECTOR_SIZE)
+                        "visible to the guest", self.path, size % SECTOR_SIZE)
         #: Capacity in 512-byte sectors (§5.2.4 capacity).
         self.capacity = size >> SECTOR_SHIFT
-        if serial is None:
-            serial = f"{st.st_dev:x}{st.st_rdev:x}{st.st_ino:x}"[:VIRTIO_BLK_ID_BYTES]
-        try:
-            sid = serial.encode("ascii")
-        except UnicodeEncodeError:
-            sid = b""
-        if not sid and serial or len(sid) > VIRTIO_BLK_ID_BYTES:
-            self.close()
-            raise BlockError(f"disk serial {serial!r} must be at most 20 ASCII characters")
+        if sid is None:
+            sid = backend.identity[:VIRTIO_BLK_ID_BYTES].encode("ascii")
         self._serial = sid.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
 
         features = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_SEG_MAX)
@@ -261,7 +175,10 @@ class VirtioBlk:
         if read_only:
             features |= 1 << VIRTIO_BLK_F_RO
         else:
-            features |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
+            if backend.supports_discard:
+                features |= 1 << VIRTIO_BLK_F_DISCARD
+            if backend.supports_write_zeroes:
+                features |= 1 << VIRTIO_BLK_F_WRITE_ZEROES
         self.features = features
         self._config = self._build_config()
         self._logged: set = set()
@@ -289,13 +206,8 @@ class VirtioBlk:
 
     # -- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
-        """Close the image (this also drops the lock on it) and discard the overlay."""
-        if self._overlay is not None:
-            self._overlay.close()
-            self._overlay = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Close the backend: this drops the lock on the image and discards an overlay."""
+        self.backend.close()
 
     def __enter__(self) -> "VirtioBlk":
         return self
@@ -304,9 +216,7 @@ class VirtioBlk:
         self.close()
 
     def _log_once(self, key, msg: str, *args) -> None:
-        if key not in self._logged:
-            self._logged.add(key)
-            log.warning("virtio-blk %s: " + msg, self.path, *args)
+        log_once(log, self._logged, key, "virtio-blk %s: " + msg, self.path, *args)
 
     # -- VirtioDevice ----------------------------------------------------------------------
     def read_config(self, offset: int, size: int) -> int:
@@ -487,10 +397,7 @@ class VirtioBlk:
         view = self._mem.host_view
         views = [view[host:host + n] for host, n in segs if n]
         try:
-            if self._overlay is not None:
-                done = self._overlay.readv(views, sector << SECTOR_SHIFT)
-            else:
-                done = _full_io(os.preadv, self.fd, views, sector << SECTOR_SHIFT, nbytes)
+            done = self.backend.readv(views, sector << SECTOR_SHIFT, nbytes)
         except OSError as e:
             self._log_once(("read", e.errno), "read error: %s", e.strerror)
             return VIRTIO_BLK_S_IOERR, 0
@@ -513,10 +420,7 @@ class VirtioBlk:
             return VIRTIO_BLK_S_IOERR
         views = self._views(segs)
         try:
-            if self._overlay is not None:
-                done = self._overlay.writev(views, sector << SECTOR_SHIFT)
-            else:
-                done = _full_io(os.pwritev, self.fd, views, sector << SECTOR_SHIFT, nbytes)
+            done = self.backend.writev(views, sector << SECTOR_SHIFT, nbytes)
         except OSError as e:
             self._log_once(("write", e.errno), "write error: %s", e.strerror)
             return VIRTIO_BLK_S_IOERR
@@ -525,12 +429,10 @@ class VirtioBlk:
         return VIRTIO_BLK_S_OK if done == nbytes else VIRTIO_BLK_S_IOERR
 
     def _flush(self) -> int:
-        # §5.2.6.2: data written before a completed FLUSH is on stable storage. A
-        # snapshot's writes are thrown away with the VM, so there is nothing to keep.
-        if self.cache == "unsafe" or self._overlay is not None:
-            return VIRTIO_BLK_S_OK
+        # §5.2.6.2: data written before a completed FLUSH is on stable storage (as far
+        # as the cache mode promises: the backend's business, vmm/disk/raw.py).
         try:
-            os.fdatasync(self.fd)
+            self.backend.flush()
         except OSError as e:
             self._log_once(("flush", e.errno), "flush error: %s", e.strerror)
             return VIRTIO_BLK_S_IOERR
@@ -540,14 +442,17 @@ class VirtioBlk:
                          r_total: int) -> int:
         if self.read_only:
             return VIRTIO_BLK_S_IOERR
+        discard = rtype == VIRTIO_BLK_T_DISCARD
+        if not self.features >> (VIRTIO_BLK_F_DISCARD if discard
+                                 else VIRTIO_BLK_F_WRITE_ZEROES) & 1:
+            return VIRTIO_BLK_S_UNSUPP  # a request type whose feature was not offered
         nbytes = r_total - _HEADER.size
         # §5.2.6: the data is an array of 16-byte virtio_blk_discard_write_zeroes.
         if nbytes == 0 or nbytes % _SEGMENT.size:
             return VIRTIO_BLK_S_IOERR
         nseg = nbytes // _SEGMENT.size
-        max_seg = MAX_DISCARD_SEG if rtype == VIRTIO_BLK_T_DISCARD else MAX_WRITE_ZEROES_SEG
-        max_sectors = (MAX_DISCARD_SECTORS if rtype == VIRTIO_BLK_T_DISCARD
-                       else MAX_WRITE_ZEROES_SECTORS)
+        max_seg = MAX_DISCARD_SEG if discard else MAX_WRITE_ZEROES_SEG
+        max_sectors = MAX_DISCARD_SECTORS if discard else MAX_WRITE_ZEROES_SECTORS
         if nseg > max_seg:  # more than max_discard_seg / max_write_zeroes_seg (§5.2.4)
             return VIRTIO_BLK_S_UNSUPP
         raw = bytearray(nbytes)
@@ -557,55 +462,25 @@ class VirtioBlk:
             # §5.2.6.2: unknown flags, or unmap on a discard, are UNSUPP.
             if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
                 return VIRTIO_BLK_S_UNSUPP
-            if rtype == VIRTIO_BLK_T_DISCARD and flags:
+            if discard and flags:
                 return VIRTIO_BLK_S_UNSUPP
             if num > max_sectors or sector + num > self.capacity:
                 return VIRTIO_BLK_S_IOERR
+        backend = self.backend
         for sector, num, flags in segments:
             if num == 0:
                 continue
             off, length = sector << SECTOR_SHIFT, num << SECTOR_SHIFT
             try:
-                if self._overlay is not None:
-                    # Discard too reads back as zeros here (allowed by §5.2.6.2, and
-                    # deterministic): the overlay cannot "deallocate" back to the base.
-                    self._overlay.zero(off, length)
-                elif rtype == VIRTIO_BLK_T_DISCARD:
-                    self._punch(off, length, required=False)
-                elif flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
-                    self._punch(off, length, required=True)
+                if discard:
+                    backend.discard(off, length)
                 else:
-                    self._zero(off, length)
+                    backend.write_zeroes(off, length,
+                                         bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
             except OSError as e:
                 self._log_once(("dz", e.errno), "discard/write-zeroes error: %s", e.strerror)
                 return VIRTIO_BLK_S_IOERR
         return VIRTIO_BLK_S_OK
-
-    def _punch(self, off: int, length: int, *, required: bool) -> None:
-        """Deallocate a range; reads of it return zeros afterwards."""
-        try:
-            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, length)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            if required:  # write zeroes must zero even where it cannot unmap
-                self._zero(off, length)
-            # a discard is only a hint (§5.2.6: the device MAY deallocate)
-
-    def _zero(self, off: int, length: int) -> None:
-        try:
-            fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, off, length)
-            return
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-        chunk = bytes(min(length, 1 << 20))
-        end = off + length
-        while off < end:
-            n = os.pwrite(self.fd, memoryview(chunk)[:min(len(chunk), end - off)], off)
-            if n <= 0:
-                raise OSError(errno.EIO, "short write")
-            off += n
 
 
 def _slice(segs: list[tuple[int, int]], start: int, length: int) -> list[tuple[int, int]]:
@@ -622,25 +497,3 @@ def _slice(segs: list[tuple[int, int]], start: int, length: int) -> list[tuple[i
             break
     return out
 
-
-def _full_io(func, fd: int, views: list[memoryview], offset: int, nbytes: int = -1) -> int:
-    """Run preadv/pwritev until all of ``views`` is transferred or EOF; bytes moved.
-
-    ``nbytes``, when the caller knows it, is the total of ``views``: a transfer done in
-    one call (the usual case) then returns without the bookkeeping.
-    """
-    total = 0
-    while views:
-        n = func(fd, views, offset)
-        if n <= 0:
-            break
-        total += n
-        if total == nbytes:
-            break
-        offset += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views = views[1:]
-        if views and n:
-            views = [views[0][n:]] + views[1:]
-    return total

@@ -1,6 +1,7 @@
-"""Copy-on-write overlay over a read-only base image ("snapshot" disks).
+"""Copy-on-write overlay over a read-only base disk ("snapshot" disks).
 
-The base image is only ever read. Every write goes to an *unlinked* temporary file of
+A :class:`~vmm.disk.base.DiskBackend` over another one, the base (a raw image opened
+read-only and shared-locked), which it only ever reads. Every write goes to an *unlinked* temporary file of
 the same size (sparse), and a bitmap records which blocks of ``BLOCK_SIZE`` bytes live
 in the overlay. Nothing the guest writes survives the VM, and nothing is left behind on
 the host: the overlay file never has a name (``O_TMPFILE``), or loses it at once
@@ -8,22 +9,24 @@ the host: the overlay file never has a name (``O_TMPFILE``), or loses it at once
 it when the last fd closes -- also when the VMM is killed with SIGKILL.
 
 * Reads are split into runs of blocks that are all in the overlay or all in the base,
-  and each run is one ``preadv`` straight into the caller's buffers (views of guest
-  memory); no data is copied through Python objects.
+  and each run is one ``preadv`` (or one ``readv`` of the base) straight into the
+  caller's buffers (views of guest memory); no data is copied through Python objects.
 * Writes go to the overlay with ``pwritev``. Requests are sector (512-byte) aligned,
   not block aligned, so a write that covers a block only partly first copies that block
   from the base ("copy-up"); then the block's bit is set.
-* Zeroing (DISCARD / WRITE_ZEROES) copies up partial edge blocks, punches a hole in the
-  overlay (or writes zeros), and marks the blocks: afterwards reads return zeros.
-* Nothing needs to survive, so there is nothing to flush: callers skip fdatasync.
+* Discard and write-zeroes alike copy up partial edge blocks, punch a hole in the
+  overlay (or write zeros), and mark the blocks: afterwards reads return zeros. (A
+  discard reads back as zeros too: deterministic, and the overlay cannot "deallocate"
+  back to the base.)
+* Nothing needs to survive, so there is nothing to flush: ``flush`` returns at once.
 
 Memory is bounded by the image size: the bitmap holds one bit per block
 (size / 32 KiB bytes: 32 MiB for a 1 TiB image). Disk use of the overlay is bounded by
 what the guest writes, at most the image size.
 
 Thread-safety: an Overlay is not locked. virtio-blk serves a device's requests on the
-VMM's one I/O thread, serialised by the transport's ``_io_lock`` (see mmio.py,
-"Locking"), so no two calls run at once.
+VMM's one I/O thread, serialised by the transport's ``_io_lock`` (see
+vmm/devices/virtio/mmio.py, "Locking"), so no two calls run at once.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ import errno
 import os
 import tempfile
 
-from .blk import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, _full_io, fallocate
-from vmm.errors import UserError
+from .base import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, NO_FALLOCATE, DiskBackend,
+                   DiskError, fallocate, full_io, write_zeros)
 
 #: Copy-on-write granularity: the usual page and filesystem block size, and virtio-blk's
 #: discard_sector_alignment, so a Linux guest's writes are mostly whole blocks.
@@ -47,7 +50,7 @@ TEMP_PREFIX = ".pyvmm-overlay-"
 _NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT)
 
 
-class OverlayError(UserError):
+class OverlayError(DiskError):
     """No overlay file could be created (one line, meant for the user)."""
 
 
@@ -79,20 +82,26 @@ def overlay_dirs(base_path: str) -> list[str]:
     return list(dict.fromkeys(dirs))
 
 
-class Overlay:
-    """A copy-on-write layer over ``base_fd`` (which it reads, never writes or closes).
+class Overlay(DiskBackend):
+    """A copy-on-write layer over ``base``, which it reads, never writes, and closes
+    with itself (the base's shared lock lasts as long as the overlay).
 
     Args:
-        base_fd: the base image, open for reading.
-        size: the base's size in bytes (the overlay has the same).
+        base: the base disk (read-only is enough).
         dirs: directories to try for the overlay file, in order.
     Raises:
-        OverlayError: no directory could hold the overlay file.
+        OverlayError: no directory could hold the overlay file (the base stays open:
+            the caller that opened it closes it).
     """
 
-    def __init__(self, base_fd: int, size: int, dirs: list[str]):
-        self.base_fd = base_fd
-        self.size = size
+    read_only = False
+    supports_discard = supports_write_zeroes = True
+
+    def __init__(self, base: DiskBackend, dirs: list[str]):
+        self.base = base
+        self.path = base.path
+        self.identity = base.identity
+        self.size = size = base.size
         self.nblocks = -(-size // BLOCK_SIZE)
         #: Bit b set: block b's current contents are in the overlay file.
         self.bitmap = bytearray(-(-self.nblocks // 8))
@@ -114,20 +123,15 @@ class Overlay:
             self.directory = d
             break
         else:
-            raise OverlayError("cannot create a snapshot overlay file ("
+            raise OverlayError(f"{base.path}: cannot create a snapshot overlay file ("
                                + "; ".join(errors) + "); set TMPDIR to a writable directory")
 
     def close(self) -> None:
-        """Close the overlay file; the kernel frees it (it has no name)."""
+        """Close the overlay file (the kernel frees it: it has no name), then the base."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def __enter__(self) -> "Overlay":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        self.base.close()
 
     # -- the bitmap --------------------------------------------------------------------
     def present(self, block: int) -> bool:
@@ -165,10 +169,11 @@ class Overlay:
             i = j
 
     # -- I/O ---------------------------------------------------------------------------
-    def readv(self, views: list[memoryview], offset: int) -> int:
+    def readv(self, views: list[memoryview], offset: int, nbytes: int = -1) -> int:
         """Read ``sum(len(views))`` bytes at ``offset`` into ``views``; bytes read (less
         only at the end of the base). Raises OSError."""
-        nbytes = sum(len(v) for v in views)
+        if nbytes < 0:
+            nbytes = sum(len(v) for v in views)
         if nbytes == 0:
             return 0
         end = offset + nbytes
@@ -178,22 +183,35 @@ class Overlay:
             lo = max(offset, b0 << BLOCK_SHIFT)
             hi = min(end, b1 << BLOCK_SHIFT)
             part = _sub_views(views, lo - offset, hi - lo)
-            n = _full_io(os.preadv, self.fd if here else self.base_fd, part, lo)
+            if here:
+                n = full_io(os.preadv, self.fd, part, lo, hi - lo)
+            else:
+                n = self.base.readv(part, lo, hi - lo)
             total += n
             if n != hi - lo:
                 break
         return total
 
-    def writev(self, views: list[memoryview], offset: int) -> int:
+    def writev(self, views: list[memoryview], offset: int, nbytes: int = -1) -> int:
         """Write ``views`` at ``offset`` into the overlay; bytes written. Raises OSError."""
-        nbytes = sum(len(v) for v in views)
+        if nbytes < 0:
+            nbytes = sum(len(v) for v in views)
         if nbytes == 0:
             return 0
         self._copy_up_edges(offset, nbytes)
-        n = _full_io(os.pwritev, self.fd, views, offset)
+        n = full_io(os.pwritev, self.fd, views, offset, nbytes)
         if n == nbytes:
             self._mark(offset >> BLOCK_SHIFT, ((offset + nbytes - 1) >> BLOCK_SHIFT) + 1)
         return n
+
+    def flush(self) -> None:
+        """Nothing to do: nothing written to an overlay is meant to survive the VM."""
+
+    def discard(self, offset: int, length: int) -> None:
+        self.zero(offset, length)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        self.zero(offset, length)  # the overlay's hole is freed either way
 
     def zero(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) read as zeros. Raises OSError."""
@@ -204,9 +222,9 @@ class Overlay:
             # Frees the overlay's space too; partial blocks at the edges are zeroed.
             fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            if e.errno not in NO_FALLOCATE:
                 raise
-            _write_zeros(self.fd, offset, length)
+            write_zeros(self.fd, offset, length)
         self._mark(offset >> BLOCK_SHIFT, ((offset + length - 1) >> BLOCK_SHIFT) + 1)
 
     def _copy_up_edges(self, offset: int, length: int) -> None:
@@ -224,8 +242,8 @@ class Overlay:
             return
         start = block << BLOCK_SHIFT
         n = min(BLOCK_SIZE, self.size - start)
-        data = os.pread(self.base_fd, n, start)  # one block: small enough to hold
-        if len(data) != n:
+        data = bytearray(n)  # one block: small enough to hold
+        if self.base.readv([memoryview(data)], start, n) != n:
             raise OSError(errno.EIO, "base image shrank")
         if os.pwrite(self.fd, data, start) != n:
             raise OSError(errno.EIO, "short write to the overlay")
@@ -247,12 +265,3 @@ def _sub_views(views: list[memoryview], start: int, length: int) -> list[memoryv
             break
     return out
 
-
-def _write_zeros(fd: int, offset: int, length: int) -> None:
-    chunk = memoryview(bytes(min(length, 1 << 20)))
-    end = offset + length
-    while offset < end:
-        n = os.pwrite(fd, chunk[:min(len(chunk), end - offset)], offset)
-        if n <= 0:
-            raise OSError(errno.EIO, "short write to the overlay")
-        offset += n
