@@ -19,13 +19,30 @@ from __future__ import annotations
 from collections import namedtuple
 
 from vmm.hostcheck import HostProfile
-from vmm.machine import HostQuirks
 
 PROFILES = ("auto", "host", "safe")
 
 #: Features whose instructions KVM's emulator cannot execute (HOST-KVM.md):
 #: SMAP (clac/stac), CX16 (lock cmpxchg16b), POPCNT, XSAVE family, RDRAND/RDSEED.
 SAFE_CLEARCPUID = ("smap", "cx16", "popcnt", "xsave", "rdrand", "rdseed")
+
+
+class HostQuirks:
+    """Instructions an emulation-only host refuses that the VMM completes itself.
+
+    ``complete_int3``: 0xCC in 64-bit mode: RIP += 1, inject #BP.
+    ``complete_fwait``: 0x9B: RIP += 1 (no x87 exception can be pending).
+    """
+
+    __slots__ = ("complete_int3", "complete_fwait")
+
+    def __init__(self, complete_int3: bool = False, complete_fwait: bool = False):
+        self.complete_int3 = complete_int3
+        self.complete_fwait = complete_fwait
+
+    def __repr__(self) -> str:
+        return (f"HostQuirks(complete_int3={self.complete_int3}, "
+                f"complete_fwait={self.complete_fwait})")
 
 
 class CpuProfile(namedtuple("CpuProfile", "name cmdline quirks")):

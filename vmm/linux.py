@@ -5,7 +5,7 @@ Shared by ``pyvmm boot`` and the Python API, so both boot a guest the same way.
 
 from __future__ import annotations
 
-from vmm.machine import HostQuirks
+from vmm.cpuprofile import HostQuirks
 
 #: Kernel command line for a microVM: serial console (ttyS0; ttyS1 is the control
 #: channel of disposable guests), reset through the i8042 (the only reset line pyvmm

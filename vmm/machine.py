@@ -3,59 +3,42 @@
 Order: /dev/kvm -> VM -> KVM private areas -> in-kernel irqchip + PIT -> guest RAM ->
 devices on the buses -> kernel (+ initrd, zero page) -> boot tables -> vCPUs.
 Data flows one way: cli -> machine -> {kvm, memory, loader, devices} -> native.
+
+The records (MachineConfig, DiskConfig, VmExit, ExitReason, EXIT_STATUS) live in
+vmm.config, HostQuirks beside the CPU profiles in vmm.cpuprofile, exit handling in
+vmm.exithandler; the names are re-exported here for code that imports them from here.
 """
 
 from __future__ import annotations
 
-import enum
 import os
 import threading
 import time
-from pathlib import Path
+from collections import namedtuple
 from collections.abc import Callable
 
 from vmm import kvm as kvmlib
 from vmm.arch.x86_64 import bootparams, cpu, cpuid, layout, mptable
 from vmm.bus import Bus
+from vmm.config import EXIT_STATUS, DiskConfig, ExitReason, MachineConfig, VmExit
 from vmm.console import ConsoleWatcher
-from vmm.devices.cmos import Cmos
-from vmm.devices.debugexit import DebugExit
-from vmm.devices.i8042 import I8042
-from vmm.devices.serial8250 import Serial8250
+from vmm.cpuprofile import HostQuirks
+from vmm.devices import cmos, debugexit, i8042, serial8250
 from vmm.devices.testdev import TestDevice
+from vmm.errors import UserError
+from vmm.exithandler import ExitHandler
 from vmm.iothread import IoThread
-from vmm.kvm import exits as X
 from vmm.kvm import ioctls as K
 from vmm.loader import SymbolTable, load_initrd, load_kernel
 from vmm.memory import GuestMemory
-from vmm.vcpu import VcpuLoop, default_loop, install_kick_handler, native
+from vmm.vcpu import VcpuLoop, install_kick_handler, native
 from vmm.log import get_logger
 
+__all__ = ["Machine", "MachineError", "VirtioSlot", "CONSOLE_BATCH_S",
+           # re-exported from vmm.config and vmm.cpuprofile
+           "MachineConfig", "DiskConfig", "VmExit", "ExitReason", "EXIT_STATUS", "HostQuirks"]
+
 log = get_logger("vmm.machine")
-
-
-class ExitReason(enum.Enum):
-    POWEROFF = "poweroff"
-    REBOOT = "reboot"
-    DEBUG_EXIT = "debug-exit"
-    PANIC = "panic"
-    TRIPLE_FAULT = "triple-fault"
-    EMULATION_FAILURE = "emulation-failure"
-    STOPPED = "stopped"
-    ERROR = "error"
-
-
-#: pyvmm's exit status for each way a VM can end (documented in the README).
-#: A debug-exit ends with the byte the guest wrote instead.
-EXIT_STATUS = {
-    ExitReason.POWEROFF: 0,
-    ExitReason.REBOOT: 0,
-    ExitReason.ERROR: 1,
-    ExitReason.PANIC: 3,
-    ExitReason.TRIPLE_FAULT: 4,
-    ExitReason.EMULATION_FAILURE: 5,
-    ExitReason.STOPPED: 130,
-}
 
 
 #: How long the console thread lets guest output accumulate between drains (latency
@@ -63,108 +46,16 @@ EXIT_STATUS = {
 CONSOLE_BATCH_S = 0.01
 
 
-# The records below are plain classes, not dataclasses: importing dataclasses costs ~8 ms
-# of the VMM's start-up (issue #2 budgets 60 ms from exec to the first KVM_RUN).
-class VmExit:
-    """Why and how a VM ended: ``reason``, the exit ``status``, a one-line ``detail``."""
-
-    __slots__ = ("reason", "status", "detail")
-
-    def __init__(self, reason: ExitReason, status: int, detail: str = ""):
-        self.reason = reason
-        self.status = status
-        self.detail = detail
-
-    def __repr__(self) -> str:
-        return f"VmExit(reason={self.reason!r}, status={self.status!r}, detail={self.detail!r})"
+class MachineError(UserError):
+    """The VM cannot be built as configured (e.g. more virtio devices than IRQs)."""
 
 
-class HostQuirks:
-    """Instructions an emulation-only host refuses that the VMM completes itself.
+#: One attached virtio-mmio device: its bus ``name``, the device model, its transport,
+#: the window's guest physical ``base`` and its ``irq``.
+VirtioSlot = namedtuple("VirtioSlot", "name device transport base irq")
 
-    ``complete_int3``: 0xCC in 64-bit mode: RIP += 1, inject #BP.
-    ``complete_fwait``: 0x9B: RIP += 1 (no x87 exception can be pending).
-    """
-
-    __slots__ = ("complete_int3", "complete_fwait")
-
-    def __init__(self, complete_int3: bool = False, complete_fwait: bool = False):
-        self.complete_int3 = complete_int3
-        self.complete_fwait = complete_fwait
-
-    def __repr__(self) -> str:
-        return (f"HostQuirks(complete_int3={self.complete_int3}, "
-                f"complete_fwait={self.complete_fwait})")
-
-
-class DiskConfig:
-    """One virtio-blk disk (the CLI's ``--disk PATH[,ro][,snapshot][,serial=ID][,cache=MODE]``).
-
-    ``snapshot``: writes go to a throwaway overlay; the image itself is never modified.
-    """
-
-    def __init__(self, path: Path, read_only: bool = False, serial: str | None = None,
-                 cache: str = "writeback", snapshot: bool = False):
-        self.path = path
-        self.read_only = read_only
-        self.serial = serial
-        self.cache = cache
-        self.snapshot = snapshot
-
-    def __repr__(self) -> str:
-        return (f"DiskConfig(path={self.path!r}, read_only={self.read_only}, "
-                f"serial={self.serial!r}, cache={self.cache!r}, snapshot={self.snapshot})")
-
-
-def _discard(data: bytes) -> None:
-    pass
-
-
-class MachineConfig:
-    """What to build. Keyword arguments, all but ``kernel`` optional:
-
-    kernel: the kernel or test-guest file.
-    mem_size: guest RAM in bytes (default 256 MiB). cpus: vCPUs (default 1).
-    kind: "raw" (a bare-metal ELF started in long mode with no boot protocol) or
-        "linux" (the Linux x86 boot protocol: zero page, command line, initrd).
-    initrd, cmdline: Linux only.
-    kernel_mode: loader path for a bzImage: "auto", "elf" (decompress on the host) or
-        "bzimage".
-    loop: "shim" or "python" (default: vcpu.default_loop()).
-    console: where guest serial output goes (called from the console thread).
-    markers: console line prefixes to timestamp in Machine.times, {b"pyvmm: ready": "ready"}.
-    quirks: HostQuirks. disks: a list of DiskConfig.
-    system_map: System.map naming kernel functions in diagnostics (default: the ELF's
-        own symbols, or a System.map beside the kernel file).
-    serial2: where bytes the guest writes to the second UART (ttyS1) go; Linux guests
-        only. Called on a vCPU thread. Host-to-guest bytes: Machine.serial2.enqueue_input.
-    """
-
-    def __init__(self, kernel: Path, *, mem_size: int = 256 << 20, cpus: int = 1,
-                 kind: str = "raw", initrd: Path | None = None, cmdline: str = "",
-                 kernel_mode: str = "auto", loop: str | None = None,
-                 console: Callable[[bytes], None] = _discard,
-                 markers: dict[bytes, str] | None = None, quirks: HostQuirks | None = None,
-                 disks: list[DiskConfig] | None = None, system_map: Path | None = None,
-                 serial2: Callable[[bytes], None] = _discard):
-        self.kernel = kernel
-        self.mem_size = mem_size
-        self.cpus = cpus
-        self.kind = kind
-        self.initrd = initrd
-        self.cmdline = cmdline
-        self.kernel_mode = kernel_mode
-        self.loop = loop if loop is not None else default_loop()
-        self.console = console
-        self.markers = markers if markers is not None else {}
-        self.quirks = quirks if quirks is not None else HostQuirks()
-        self.disks = disks if disks is not None else []
-        self.system_map = system_map
-        self.serial2 = serial2
-
-    def __repr__(self) -> str:
-        return (f"MachineConfig(kernel={self.kernel!r}, mem_size={self.mem_size}, "
-                f"cpus={self.cpus}, kind={self.kind!r}, disks={self.disks!r})")
+#: Notes already logged in this process (a test suite builds many machines).
+_reported: set[str] = set()
 
 
 class Machine:
@@ -178,7 +69,10 @@ class Machine:
         self._closers: list[Callable[[], None]] = []
         self.loops: list[VcpuLoop] = []
         self.shim_serial = None
-        self.quirk_counts = {"int3": 0, "fwait": 0}
+        #: One-line notes worth telling the user once (e.g. KVM capabilities this host
+        #: lacks); already logged as warnings, for callers that show their own.
+        self.notes: list[str] = []
+        self._kernel_loaded = False
         self.times: dict[str, float] = {"start": time.monotonic()}
         try:
             self._build()
@@ -191,6 +85,7 @@ class Machine:
         cfg = self.config
         self.kvm = kvmlib.Kvm()
         self._closers.append(self.kvm.close)
+        self._report_missing_caps()
         self.vm = self.kvm.create_vm()
         self._closers.append(self.vm.close)
         self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
@@ -208,9 +103,27 @@ class Machine:
 
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
+        self.exit_handler = ExitHandler(self.pio, self.mmio, cfg.quirks,
+                                        request_exit=self.request_exit,
+                                        guest_reset=self._guest_reset,
+                                        kernel_symbol=self.kernel_symbol)
+        #: Called on a vCPU thread for every exit that reaches Python.
+        self.handle_exit = self.exit_handler.handle
         self._build_devices()
         self._load()
         self._build_vcpus()
+
+    def _report_missing_caps(self) -> None:
+        """Say once that optional KVM capabilities are missing (quiet when none are)."""
+        missing = self.kvm.missing_optional
+        if not missing:
+            return
+        note = (f"note: this host's KVM lacks optional capabilities ({'; '.join(missing)}); "
+                "pyvmm runs without them, more slowly")
+        self.notes.append(note)
+        if note not in _reported:
+            _reported.add(note)
+            log.warning("%s", note)
 
     def _host_address(self, buf) -> int:
         shim = native()
@@ -246,52 +159,84 @@ class Machine:
             serial_out = lambda data: push(self._txbuf, ffi.from_buffer(data), len(data))  # noqa: E731
         else:
             serial_out = self.console.write
-        self.serial = Serial8250(self._irq(layout.COM1_IRQ), serial_out)
+        self.serial = serial8250.Serial8250(self._irq(layout.COM1_IRQ), serial_out)
         if self.shim_serial is not None:
             self.serial.on_state_change = self._sync_serial_fast_path
             self._sync_serial_fast_path()
-        self.pio.insert(layout.COM1_PORT, 8, self.serial, "com1")
+        self.pio.insert(layout.COM1_PORT, serial8250.WINDOW_SIZE, self.serial, "com1")
         if cfg.kind == "linux":
-            self.serial2 = Serial8250(self._irq(layout.COM2_IRQ), cfg.serial2)
-            self.pio.insert(layout.COM2_PORT, 8, self.serial2, "com2")
-        self.pio.insert(layout.I8042_DATA_PORT, 5, I8042(self._guest_reset), "i8042")
-        self.pio.insert(layout.CMOS_INDEX_PORT, 2, Cmos(), "cmos")
-        self.pio.insert(layout.DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit), "debug-exit")
+            self.serial2 = serial8250.Serial8250(self._irq(layout.COM2_IRQ), cfg.serial2)
+            self.pio.insert(layout.COM2_PORT, serial8250.WINDOW_SIZE, self.serial2, "com2")
+        self.pio.insert(layout.I8042_DATA_PORT, i8042.WINDOW_SIZE,
+                        i8042.I8042(self._guest_reset), "i8042")
+        self.pio.insert(layout.CMOS_INDEX_PORT, cmos.WINDOW_SIZE, cmos.Cmos(), "cmos")
+        self.pio.insert(layout.DEBUG_EXIT_PORT, debugexit.WINDOW_SIZE,
+                        debugexit.DebugExit(self._debug_exit), "debug-exit")
         if cfg.kind == "raw":
             self.testdev = TestDevice()
             self.mmio.insert(layout.TEST_MMIO_START, layout.TEST_MMIO_SIZE, self.testdev, "testdev")
         self._build_virtio()
 
     def _build_virtio(self) -> None:
-        """virtio-mmio devices: one 4 KiB window and one IRQ each, announced to Linux on
-        its command line; queue notifications arrive through ioeventfds on the I/O
-        thread when KVM has them (else as MMIO writes on the vCPU thread)."""
+        """The I/O thread, then one virtio-blk device per configured disk."""
         self.io = IoThread()
         self.io.on_error = self.fail
         self._closers.append(self.io.close)
+        self.virtio: list[VirtioSlot] = []
         self.virtio_cmdline: list[str] = []
         self.disks = []
         if not self.config.disks:
             return
-        # Imported here: a VM without disks (most test guests) starts faster without them.
+        # Imported here: a VM without disks (most test guests) starts faster without it.
         from vmm.devices.virtio.blk import VirtioBlk
-        from vmm.devices.virtio.mmio import QUEUE_NOTIFY_OFFSET, VirtioMmioTransport, \
-            kernel_cmdline_arg
-        use_ioeventfd = bool(self.kvm.check_extension(K.KVM_CAP_IOEVENTFD))
         for i, disk in enumerate(self.config.disks):
-            base = layout.VIRTIO_MMIO_START + i * layout.VIRTIO_MMIO_SIZE
-            irq = layout.VIRTIO_IRQ_BASE + i
             blk = VirtioBlk(disk.path, read_only=disk.read_only, serial=disk.serial, cache=disk.cache,
                             snapshot=disk.snapshot)
-            self._closers.append(blk.close)
+            self.attach_virtio(blk, f"virtio-blk{i}")
             self.disks.append(blk)
-            transport = VirtioMmioTransport(blk, self.mem, self._irq(irq))
-            if use_ioeventfd:
-                for q in range(len(blk.queue_max_sizes)):
-                    fd = self.io.add(lambda q=q, t=transport: t.notify(q))
-                    self.vm.register_ioeventfd(fd, base + QUEUE_NOTIFY_OFFSET, 4, datamatch=q)
-            self.mmio.insert(base, layout.VIRTIO_MMIO_SIZE, transport, f"virtio-blk{i}")
-            self.virtio_cmdline.append(kernel_cmdline_arg(base, irq))
+
+    def attach_virtio(self, device, name: str) -> VirtioSlot:
+        """Put a virtio device model on the MMIO bus behind a virtio-mmio transport.
+
+        Device ``i`` (in attach order) gets the 4 KiB window at ``VIRTIO_MMIO_START +
+        i * VIRTIO_MMIO_SIZE`` and IRQ ``VIRTIO_IRQ_BASE + i`` (vmm/arch/x86_64/layout.py),
+        is announced on the Linux command line, and has its queue notifications arrive
+        as ioeventfds on the I/O thread when KVM has them (else as MMIO writes on the
+        vCPU thread). The machine owns ``device`` from here on: its ``close()``, if it
+        has one, runs at teardown. A device whose backend has its own fd (a socket)
+        waits on it with ``machine.io.add_reader(fd, callback)``.
+
+        Args:
+            device: a virtio device model (vmm.devices.virtio.mmio.VirtioDevice).
+            name: its name on the bus, in diagnostics ("virtio-blk0").
+        Returns:
+            the VirtioSlot: name, device, transport, base, irq.
+        Raises:
+            MachineError: every window/IRQ is taken (layout.VIRTIO_MAX_DEVICES).
+        """
+        close = getattr(device, "close", None)
+        if close is not None:
+            self._closers.append(close)
+        index = len(self.virtio)
+        if index >= layout.VIRTIO_MAX_DEVICES:
+            raise MachineError(f"cannot attach {name}: a VM has at most "
+                               f"{layout.VIRTIO_MAX_DEVICES} virtio devices")
+        if self._kernel_loaded and self.config.kind == "linux":
+            raise RuntimeError(f"{name} attached after the kernel command line was written")
+        from vmm.devices.virtio.mmio import QUEUE_NOTIFY_OFFSET, VirtioMmioTransport, \
+            kernel_cmdline_arg
+        base = layout.VIRTIO_MMIO_START + index * layout.VIRTIO_MMIO_SIZE
+        irq = layout.VIRTIO_IRQ_BASE + index
+        transport = VirtioMmioTransport(device, self.mem, self._irq(irq))
+        if self.kvm.check_extension(K.KVM_CAP_IOEVENTFD):
+            for q in range(len(device.queue_max_sizes)):
+                fd = self.io.add(lambda q=q, t=transport: t.notify(q))
+                self.vm.register_ioeventfd(fd, base + QUEUE_NOTIFY_OFFSET, 4, datamatch=q)
+        self.mmio.insert(base, layout.VIRTIO_MMIO_SIZE, transport, name)
+        slot = VirtioSlot(name, device, transport, base, irq)
+        self.virtio.append(slot)
+        self.virtio_cmdline.append(kernel_cmdline_arg(base, irq, layout.VIRTIO_MMIO_SIZE))
+        return slot
 
     def _sync_serial_fast_path(self) -> None:
         tx_fast, lsr = self.serial.fast_path_state()
@@ -307,6 +252,7 @@ class Machine:
             bootparams.build_zero_page(self.mem, setup_header=self.kernel.setup_header,
                                        cmdline=cmdline, initrd=initrd,
                                        e820=bootparams.e820_map(self.mem))
+        self._kernel_loaded = True
         cpu.write_boot_tables(self.mem)
         if cfg.cpus > 1:
             mptable.write_mptable(self.mem, cfg.cpus)
@@ -325,7 +271,9 @@ class Machine:
             # the guest wakes them through its local APIC (INIT, SIPI).
             if i == 0:
                 cpu.setup_long_mode(vcpu, self.kernel.entry, boot_params=self.boot_params_addr)
-            loop = VcpuLoop(self, vcpu, cfg.loop)
+            loop = VcpuLoop(vcpu, cfg.loop, handle_exit=self.handle_exit,
+                            stopping=lambda: self.stopping, fail=self.fail,
+                            shim_serial=self.shim_serial)
             self._closers.append(loop.close)
             self.loops.append(loop)
 
@@ -333,65 +281,11 @@ class Machine:
     def boot_params_addr(self) -> int:
         return layout.ZERO_PAGE_START if self.config.kind == "linux" else 0
 
-    # -- exits -----------------------------------------------------------------------------
-    def handle_exit(self, vcpu, ex) -> None:
-        """Called on a vCPU thread for every exit that reaches Python."""
-        self._handlers[type(ex)](self, vcpu, ex)
-
-    def _io_out(self, vcpu, ex: X.IoOut) -> None:
-        size, data = ex.size, ex.data
-        for i in range(0, size * ex.count, size):     # string I/O: count items
-            self.pio.write(ex.port, size, int.from_bytes(data[i:i + size], "little"))
-
-    def _io_in(self, vcpu, ex: X.IoIn) -> None:
-        size, read = ex.size, self.pio.read
-        data = b"".join(read(ex.port, size).to_bytes(size, "little") for _ in range(ex.count))
-        X.complete_io_in(vcpu.run_page, ex, data)
-
-    def _mmio_write(self, vcpu, ex: X.MmioWrite) -> None:
-        self.mmio.write(ex.addr, ex.size, ex.value)
-
-    def _mmio_read(self, vcpu, ex: X.MmioRead) -> None:
-        X.complete_mmio_read(vcpu.run_page, self.mmio.read(ex.addr, ex.size), ex.size)
-
-    def _shutdown(self, vcpu, ex) -> None:
-        self.request_exit(ExitReason.TRIPLE_FAULT, detail=f"vCPU {vcpu.index}: triple fault")
-
-    def _system_event(self, vcpu, ex: X.SystemEvent) -> None:
-        if ex.type == K.KVM_SYSTEM_EVENT_RESET:
-            self._guest_reset()
-        elif ex.type == K.KVM_SYSTEM_EVENT_CRASH:
-            self.request_exit(ExitReason.PANIC, detail="guest crash event")
-        else:
-            self.request_exit(ExitReason.POWEROFF)
-
-    def _internal_error(self, vcpu, ex: X.InternalError) -> None:
-        regs = vcpu.get_regs()
-        quirks = self.config.quirks
-        if ex.insn[:1] == b"\xcc" and quirks.complete_int3:
-            # int3 is a trap: #BP is delivered with RIP after the instruction.
-            regs.rip += 1
-            vcpu.set_regs(regs)
-            events = vcpu.get_vcpu_events()
-            events.exception.injected, events.exception.nr = 1, 3
-            events.exception.has_error_code = 0
-            events.flags = 0
-            vcpu.set_vcpu_events(events)
-            self.quirk_counts["int3"] += 1
-            return
-        if ex.insn[:1] == b"\x9b" and quirks.complete_fwait:
-            regs.rip += 1
-            vcpu.set_regs(regs)
-            self.quirk_counts["fwait"] += 1
-            return
-        insn = ex.insn.hex(" ") if ex.insn else "unknown"
-        where = f"RIP {regs.rip:#x}"
-        name = self.kernel_symbol(regs.rip)
-        if name:
-            where += f" ({name})"
-        self.request_exit(ExitReason.EMULATION_FAILURE,
-                          detail=f"vCPU {vcpu.index}: KVM could not emulate the instruction at "
-                                 f"{where} (bytes: {insn}; suberror {ex.suberror})")
+    # -- exits (vmm.exithandler) --------------------------------------------------------
+    @property
+    def quirk_counts(self) -> dict[str, int]:
+        """How often each host quirk completed an instruction."""
+        return self.exit_handler.quirk_counts
 
     def kernel_symbol(self, addr: int) -> str | None:
         """``function+offset/size`` for a guest code address, when symbols are known."""
@@ -400,16 +294,6 @@ class Machine:
         else:
             symbols = self.kernel.symbols
         return symbols.lookup(addr) if symbols else None
-
-    def _unexpected(self, vcpu, ex) -> None:
-        self.request_exit(ExitReason.ERROR, detail=f"vCPU {vcpu.index}: unexpected exit {ex}")
-
-    _handlers = {
-        X.IoOut: _io_out, X.IoIn: _io_in, X.MmioWrite: _mmio_write, X.MmioRead: _mmio_read,
-        X.Shutdown: _shutdown, X.SystemEvent: _system_event, X.InternalError: _internal_error,
-        X.Hlt: _unexpected, X.FailEntry: _unexpected, X.Unknown: _unexpected,
-        X.Interrupted: lambda self, vcpu, ex: None,
-    }
 
     # -- device callbacks --------------------------------------------------------------------
     def _debug_exit(self, value: int) -> None:

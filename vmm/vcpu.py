@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 
 from vmm.kvm import KvmError
 from vmm.kvm import exits as X
@@ -57,16 +58,25 @@ def install_kick_handler() -> None:
 class VcpuLoop:
     """Runs one vCPU until the machine stops; lives on its own thread.
 
+    The loop is handed what it needs from the machine as callables, not the machine.
+
     Args:
-        machine: the owning Machine (buses, exit handling, stop state).
         vcpu: the vmm.kvm.Vcpu.
         loop: "shim" or "python".
+        handle_exit: ``handle_exit(vcpu, exit)`` for every decoded exit (on this thread).
+        stopping: returns True once the VM is ending; checked after every exit.
+        fail: ``fail(error)`` ends the VM when the loop itself fails (a KVM error, a bug).
+        shim_serial: the shim's ``struct shim_serial *`` (the UART fast path), or None.
     """
 
-    def __init__(self, machine, vcpu, loop: str):
-        self.machine = machine
+    def __init__(self, vcpu, loop: str, *, handle_exit: Callable[[object, object], None],
+                 stopping: Callable[[], bool], fail: Callable[[BaseException], None],
+                 shim_serial=None):
         self.vcpu = vcpu
         self.loop = loop
+        self.handle_exit = handle_exit
+        self.stopping = stopping
+        self.fail = fail
         self.thread: threading.Thread | None = None
         self.exits = 0          # exits handled in Python
         self._c = None
@@ -77,7 +87,7 @@ class VcpuLoop:
             c = self._ffi.new("struct shim_vcpu *")
             c.fd = vcpu.fd
             c.run = self._run_buf
-            c.serial = machine.shim_serial if machine.shim_serial is not None else self._ffi.NULL
+            c.serial = shim_serial if shim_serial is not None else self._ffi.NULL
             self._c = c
 
     def close(self) -> None:
@@ -111,13 +121,12 @@ class VcpuLoop:
             self.run()
         except BaseException as e:  # noqa: BLE001 - a bug or KVM failure: stop the VM, say why
             log.debug("vCPU %d failed", self.vcpu.index, exc_info=True)
-            self.machine.fail(e)
+            self.fail(e)
 
     # -- the loops ---------------------------------------------------------------------
     def run(self) -> None:
-        machine = self.machine
         run_page = self.vcpu.run_page
-        handle = machine.handle_exit
+        handle, stopping = self.handle_exit, self.stopping
         vcpu = self.vcpu
         if self.loop == "shim":
             shim_run, c = self._lib.shim_run, self._c
@@ -129,7 +138,7 @@ class VcpuLoop:
                 return reason
         else:
             step = vcpu.run
-        while not machine.stopping:
+        while not stopping():
             reason = step()
             self.exits += 1
             if reason == K.KVM_EXIT_INTR:

@@ -16,7 +16,8 @@ import struct
 import pytest
 
 from tests.conftest import requires_kvm
-from vmm.machine import DiskConfig, ExitReason, Machine, MachineConfig
+from vmm.config import DiskConfig, ExitReason, MachineConfig
+from vmm.machine import Machine
 
 pytestmark = [requires_kvm, pytest.mark.parametrize("loop", ["shim", "python"])]
 

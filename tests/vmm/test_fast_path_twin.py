@@ -1,7 +1,8 @@
 """The shim's UART fast path against its Python twin: same guest, same bytes."""
 
 from tests.conftest import requires_kvm
-from vmm.machine import Machine, MachineConfig
+from vmm.config import MachineConfig
+from vmm.machine import Machine
 
 pytestmark = requires_kvm
 

@@ -6,7 +6,9 @@ import pytest
 
 from tests.conftest import requires_kvm
 from vmm import hostcheck
-from vmm.machine import ExitReason, HostQuirks, Machine, MachineConfig
+from vmm.config import ExitReason, MachineConfig
+from vmm.cpuprofile import HostQuirks
+from vmm.machine import Machine
 
 pytestmark = [requires_kvm, pytest.mark.parametrize("loop", ["shim", "python"])]
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import requires_kvm
-from vmm.machine import ExitReason, Machine, MachineConfig
+from vmm.config import ExitReason, MachineConfig
+from vmm.machine import Machine
 
 LOOPS = ["shim", "python"]
 

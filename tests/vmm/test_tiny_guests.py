@@ -12,7 +12,8 @@ import time
 import pytest
 
 from tests.conftest import requires_kvm
-from vmm.machine import ExitReason, Machine, MachineConfig
+from vmm.config import ExitReason, MachineConfig
+from vmm.machine import Machine
 
 pytestmark = [requires_kvm, pytest.mark.parametrize("loop", ["shim", "python"])]
 

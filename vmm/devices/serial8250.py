@@ -89,6 +89,8 @@ DLL_OFFSET = 0
 DLM_OFFSET = 1
 #: Number of registers, i.e. the length of the bus range to claim.
 REGISTER_COUNT = 8
+#: Length of the bus window: one port per register.
+WINDOW_SIZE = REGISTER_COUNT
 
 # --- IER bits -------------------------------------------------------------------
 IER_RDA_BIT = 0x01  # received data available

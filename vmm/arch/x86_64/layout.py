@@ -72,5 +72,17 @@ CMOS_INDEX_PORT = 0x70
 CMOS_DATA_PORT = 0x71
 #: Debug-exit port for test guests: a byte written here stops the VM with that status.
 DEBUG_EXIT_PORT = 0xF4
-#: First IRQ given to virtio-mmio devices (GSI 5, 6, ...).
+#: First IRQ given to virtio-mmio devices (GSI 5, 6, ...; device i gets BASE + i).
 VIRTIO_IRQ_BASE = 5
+#: Last IRQ a virtio-mmio device may get: a guest without an MP table (one vCPU) has
+#: only the 8259 PICs' 16 lines, and the MP table routes ISA IRQs 0..15 only
+#: (vmm/arch/x86_64/mptable.py). 8 (RTC) and 12 (PS/2 aux) are free here: the CMOS model
+#: raises no interrupt and Linux is told i8042.noaux.
+VIRTIO_IRQ_LAST = 15
+
+# --- virtio-mmio devices: window i at VIRTIO_MMIO_START + i * VIRTIO_MMIO_SIZE, IRQ
+# VIRTIO_IRQ_BASE + i (vmm/machine.py Machine.attach_virtio) ---------------------------
+#: How many virtio-mmio devices one VM can have: one IRQ each, and the windows must end
+#: below the test device's.
+VIRTIO_MAX_DEVICES = min(VIRTIO_IRQ_LAST - VIRTIO_IRQ_BASE + 1,
+                         (TEST_MMIO_START - VIRTIO_MMIO_START) // VIRTIO_MMIO_SIZE)
