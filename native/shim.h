@@ -1,6 +1,6 @@
 /* pyvmm run-loop shim: KVM_RUN in C with the GIL released, plus the serial fast path.
- * Everything here has a Python twin (vmm/vcpu.py PythonLoop, vmm/devices/serial8250.py)
- * that the tests compare it against. */
+ * Everything here has a Python twin (vmm/vcpu.py's VcpuLoop with loop="python", and
+ * vmm/devices/serial8250.py) that the tests compare it against. */
 #include <stdint.h>
 #include <stddef.h>
 

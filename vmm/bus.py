@@ -12,7 +12,7 @@ little-endian semantics: a 2-byte read at offset 0 returns ``byte0 | byte1 << 8`
 An access nobody owns -- including one that starts inside a range but runs past
 its end -- is answered like an empty ISA bus: reads return all-ones of the access
 size (0xff, 0xffff, ...), writes are dropped. It is logged once per address, never
-fatal (STYLE.md habit 3). Linux touches plenty of ports that a microVM does not
+fatal: unclaimed accesses are logged once and answered predictably. Linux touches plenty of ports that a microVM does not
 have (0x80 for I/O delays, other COM ports, the parallel port, PCI config space),
 so the log level is DEBUG.
 
@@ -33,7 +33,7 @@ log = get_logger("vmm.bus")
 
 #: How many distinct unclaimed addresses are remembered (to log each only once).
 #: A guest that scans the whole MMIO hole must not grow VMM memory without bound
-#: (STYLE.md habit 4); past this many, unclaimed accesses are no longer logged.
+#: (whatever a guest controls is bounded); past this many, unclaimed accesses are no longer logged.
 UNCLAIMED_LOG_LIMIT = 4096
 
 

@@ -27,11 +27,11 @@ holding only ``_io_lock``. ``interrupt()`` is always called with no lock held.
 
 from __future__ import annotations
 
-import logging
 import threading
 from typing import Callable, Protocol, Sequence
 
 from vmm.arch.x86_64 import layout
+from vmm.log import get_logger, log_once
 from vmm.memory import GuestMemory, GuestMemoryError
 
 from .queue import (
@@ -41,7 +41,7 @@ from .queue import (
     QueueError,
 )
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # --- Register offsets (§4.2.2, table "MMIO Device Register Layout") ---------------------
 MAGIC_VALUE_OFFSET = 0x000
@@ -201,9 +201,8 @@ class VirtioMmioTransport:
 
     def _log_once(self, key: tuple, msg: str, *args) -> None:
         """Warn once per ``key``; keys never hold guest-chosen values (bounded set)."""
-        if key not in self._logged:
-            self._logged.add(key)
-            log.warning("virtio-mmio(%s): " + msg, type(self.device).__name__, *args)
+        log_once(log, self._logged, key, "virtio-mmio(%s): " + msg, type(self.device).__name__,
+                 *args)
 
     # -- BusDevice ----------------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
