@@ -73,9 +73,10 @@ def main(args) -> int:
     if args.kernel is None:
         if args.raw:
             raise UsageError("--raw needs a KERNEL (a bare-metal ELF)")
-        from vmm import guestbuild
-        kernel, initrd = guestbuild.default_guest()
-        markers[guestbuild.READY_MARKER.encode()] = "ready"
+        from vmm import defaultguest
+        from pathlib import Path
+        kernel, initrd = (Path(p) for p in defaultguest.default_guest())
+        markers[defaultguest.READY_MARKER.encode()] = "ready"
     else:
         kernel = check_file(args.kernel, "kernel")
         initrd = check_file(args.initrd, "initrd") if args.initrd else None
