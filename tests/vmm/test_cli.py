@@ -112,3 +112,41 @@ def test_emulation_failure_names_the_symbol_from_a_system_map(tiny, tmp_path):
 @pytest.mark.parametrize("cpus", ["0", "100000", "-3", "two"])
 def test_bad_cpu_counts(tiny, cpus):
     assert_one_line_error(pyvmm("boot", "--raw", tiny("hello"), "--cpus", cpus))
+
+
+def _emulated() -> bool:
+    from vmm import hostcheck
+    return hostcheck.probe().emulated
+
+
+def _notes(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("note:")]
+
+
+# A tiny ELF guest booted without --raw goes through vmm.linux.prepare (the CPU profile,
+# the host-detection note) as a Linux kernel would, but runs in milliseconds.
+
+@requires_kvm
+def test_boot_prints_no_notes_without_verbose(tiny):
+    r = pyvmm("boot", "--raw", tiny("hello"))
+    assert (r.returncode, _notes(r.stderr)) == (0, [])
+    r = pyvmm("boot", tiny("hello"))
+    assert r.stdout == "Hello from a tiny guest\n"
+    assert (r.returncode, r.stderr) == (0, "")
+
+
+@requires_kvm
+def test_boot_verbose_prints_the_host_note_on_an_emulation_only_host(tiny):
+    r = pyvmm("boot", "--verbose", tiny("hello"))
+    assert r.returncode == 0
+    host_notes = [n for n in _notes(r.stderr) if "emulation-only" in n]
+    assert len(host_notes) == (1 if _emulated() else 0), r.stderr
+
+
+@requires_kvm
+def test_boot_prints_the_held_notes_when_the_guest_fails(tiny):
+    r = pyvmm("boot", tiny("triple_fault"))
+    assert r.returncode == 4
+    assert r.stderr.rstrip().endswith("guest ended: triple-fault: vCPU 0: triple fault")
+    host_notes = [n for n in _notes(r.stderr) if "emulation-only" in n]
+    assert len(host_notes) == (1 if _emulated() else 0), r.stderr
