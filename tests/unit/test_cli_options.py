@@ -125,7 +125,7 @@ def test_notes_go_to_stderr_by_default(capsys):
     notes = common.Notes(False)
     notes.add("note: x")
     notes.failed()
-    assert capsys.readouterr() == ("", "note: x\n")
+    assert capsys.readouterr() == ("", "pyvmm: note: x\n")
 
 
 @pytest.mark.parametrize("flag, env, expected", [
@@ -182,7 +182,7 @@ def test_run_stderr_holds_only_cmds_stderr_when_all_goes_well(fake_guest, capfd)
 
 def test_run_verbose_prints_the_notes_first(fake_guest, capfd):
     assert vmm.cli.main(["run", "-v", "--", "true"]) == 3
-    assert capfd.readouterr().err == ("note: KVM on this host is emulation-only (fake)\n"
+    assert capfd.readouterr().err == ("pyvmm: note: KVM on this host is emulation-only (fake)\n"
                                       "CMD's own stderr\n")
 
 
@@ -191,5 +191,5 @@ def test_run_prints_the_held_notes_when_the_guest_fails(fake_guest, capfd):
     fake_guest.fail_with = GuestError("the guest crashed")
     assert vmm.cli.main(["run", "--", "true"]) == 125
     assert capfd.readouterr().err == ("CMD's own stderr\n"
-                                      "note: KVM on this host is emulation-only (fake)\n"
+                                      "pyvmm: note: KVM on this host is emulation-only (fake)\n"
                                       "pyvmm: the guest crashed\n")

@@ -120,7 +120,7 @@ def _emulated() -> bool:
 
 
 def _notes(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("note:")]
+    return [line for line in stderr.splitlines() if "note:" in line]
 
 
 # A tiny ELF guest booted without --raw goes through vmm.linux.prepare (the CPU profile,

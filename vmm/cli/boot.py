@@ -13,7 +13,6 @@ a stop that was asked for.
 from __future__ import annotations
 
 import os
-import sys
 
 from vmm.cli.common import (T0, EXIT_VMM_ERROR, Notes, UsageError, add_machine_options,
                             add_output_options, add_verbose, check_file, err, parse_cpus,
@@ -99,7 +98,7 @@ def main(args) -> int:
 
     out = ConsoleOutput(log_path=args.console_log)
     # Added once the VM is built, so that a bad-input error stays one line.
-    notes = Notes(verbose(args), lambda note: _note_line(out, note))
+    notes = Notes(verbose(args), lambda note: err(note, out))
     status = EXIT_VMM_ERROR
     interrupted = {"machine": None}
 
@@ -168,12 +167,6 @@ def main(args) -> int:
         signal.signal(signal.SIGTERM, old_term)
         out.close()
     return status
-
-
-def _note_line(out, note: str) -> None:
-    """A note on stderr, as a line of its own after the console output."""
-    out.end_line()
-    print(note, file=sys.stderr, flush=True)
 
 
 def _write_stamps(path: str, machine) -> None:

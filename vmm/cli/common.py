@@ -101,12 +101,12 @@ class Notes:
 
     Args:
         verbose: write each note at once.
-        write: called with each note to print (default: one line on stderr).
+        write: called with each note to print (default: ``pyvmm: NOTE`` on stderr).
     """
 
     def __init__(self, verbose: bool, write=None):
         self.verbose = verbose
-        self._write = write if write is not None else err_line
+        self._write = write if write is not None else err
         self.held: list[str] = []
 
     def add(self, *notes: str) -> None:
@@ -121,10 +121,6 @@ class Notes:
         held, self.held = self.held, []
         for note in held:
             self._write(note)
-
-
-def err_line(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 # -- value parsers --------------------------------------------------------------------
