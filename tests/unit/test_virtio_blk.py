@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from vmm.devices.virtio import blk as B
 from vmm.devices.virtio import mmio as M
+from vmm.disk import DiskBackend
 from vmm.disk import raw as R
 from vmm.memory import GuestMemory
 
@@ -525,3 +526,66 @@ def test_random_requests(env, disk, rtype, sector, seg, bufs, indirect):
         assert last is not None
         assert mem.read(last[0] + last[1] - 1, 1)[0] in (OK, IOERR, UNSUPP)
     assert os.stat(disk).st_size == DISK_SECTORS * 512
+
+
+# --- the backend: blk speaks virtio only, the data is the backend's ----------------------
+class MemDisk(DiskBackend):
+    """A disk in a bytearray, without discard: blk must need nothing but the interface."""
+
+    path = "memdisk"
+    identity = "mem0"
+
+    def __init__(self, data: bytes):
+        self.data = bytearray(data)
+        self.size = len(data)
+        self.calls = []
+        self.closed = False
+
+    def readv(self, views, offset, nbytes=-1):
+        self.calls.append("readv")
+        for v in views:
+            v[:] = self.data[offset:offset + len(v)]
+            offset += len(v)
+        return sum(len(v) for v in views)
+
+    def writev(self, views, offset, nbytes=-1):
+        self.calls.append("writev")
+        for v in views:
+            self.data[offset:offset + len(v)] = v
+            offset += len(v)
+        return sum(len(v) for v in views)
+
+    def flush(self):
+        self.calls.append("flush")
+
+    def write_zeroes(self, offset, length, unmap):
+        self.calls.append(("write_zeroes", unmap))
+        self.data[offset:offset + length] = bytes(length)
+
+    def close(self):
+        self.closed = True
+
+
+def test_any_backend(mem):
+    image = pattern(64 * 512)
+    backend = MemDisk(image)
+    backend.supports_write_zeroes = True
+    e = Env(backend, mem)
+    try:
+        f = e.dev.features
+        assert f >> B.VIRTIO_BLK_F_WRITE_ZEROES & 1 and not f >> B.VIRTIO_BLK_F_DISCARD & 1
+        assert e.t.read(0x100, 8) == 64  # capacity from backend.size
+        assert e.request(B.VIRTIO_BLK_T_OUT, 2, out=b"m" * 1024)[0] == OK
+        status, _, data = e.request(B.VIRTIO_BLK_T_IN, 1, in_segs=[512, 1024])
+        assert (status, data) == (OK, image[512:1024] + b"m" * 1024)
+        assert e.request(B.VIRTIO_BLK_T_FLUSH)[0] == OK
+        assert e.request(B.VIRTIO_BLK_T_WRITE_ZEROES, out=segment(2, 1, 1))[0] == OK
+        assert backend.data[1024:1536] == bytes(512)
+        # DISCARD was not offered (the backend cannot): UNSUPP, and the backend untouched
+        assert e.request(B.VIRTIO_BLK_T_DISCARD, out=segment(0, 8))[0] == UNSUPP
+        status, _, data = e.request(B.VIRTIO_BLK_T_GET_ID, in_len=20)
+        assert data == b"mem0".ljust(20, b"\0")
+        assert backend.calls == ["writev", "readv", "flush", ("write_zeroes", True)]
+    finally:
+        e.close()
+    assert backend.closed
