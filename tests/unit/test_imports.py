@@ -12,8 +12,16 @@ from pathlib import Path
 
 VMM = Path(__file__).resolve().parents[2] / "vmm"
 
-#: Cycles that exist in files being reworked elsewhere, each as its sorted modules.
-KNOWN_CYCLES: set[tuple[str, ...]] = set()
+#: Cycles in files this change does not own, each as its sorted modules; remove an
+#: entry when its cycle is gone (the shared piece moved lower).
+KNOWN_CYCLES: set[tuple[str, ...]] = {
+    # bzimage takes LoaderError from the package; the package imports bzimage (in a
+    # function). Fix: LoaderError in a module below both.
+    ("vmm.loader", "vmm.loader.bzimage"),
+    # guestbuild imports the manifest names from defaultguest, which imports guestbuild
+    # (in a function) to build the guest.
+    ("vmm.defaultguest", "vmm.guestbuild"),
+}
 
 
 def module_names(root: Path = VMM) -> dict[str, Path]:
@@ -138,6 +146,9 @@ def test_graph_sees_all_import_forms(tmp_path):
 
 
 def test_no_import_cycles():
-    found = [c for c in cycles(import_graph()) if tuple(sorted(set(c))) not in KNOWN_CYCLES]
+    found = cycles(import_graph())
+    stale = KNOWN_CYCLES - {tuple(sorted(set(c))) for c in found}
+    assert not stale, f"known cycles that no longer exist (drop them from KNOWN_CYCLES): {stale}"
+    found = [c for c in found if tuple(sorted(set(c))) not in KNOWN_CYCLES]
     assert not found, "import cycles (a module imports one that imports it back):\n" + \
         "\n".join(" -> ".join(c) for c in found)
