@@ -193,3 +193,20 @@ def test_run_prints_the_held_notes_when_the_guest_fails(fake_guest, capfd):
     assert capfd.readouterr().err == ("CMD's own stderr\n"
                                       "pyvmm: note: KVM on this host is emulation-only (fake)\n"
                                       "pyvmm: the guest crashed\n")
+
+
+def test_a_subcommand_imports_only_its_own_module():
+    import subprocess
+    import sys
+    code = ("import sys, vmm.cli\n"
+            "try:\n    vmm.cli.main(['mkfs', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('vmm.cli.')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.splitlines()[-1] == "['vmm.cli.common', 'vmm.cli.mkfs']"
+
+
+def test_pyvmm_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        vmm.cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert all(f"    {name} " in out for name in vmm.cli.COMMANDS), out

@@ -21,9 +21,9 @@ from vmm.cli import common  # first: it takes the start-up time stamp, common.T0
 COMMANDS = ("boot", "run", "mkfs")
 
 
-def _commands() -> dict:
+def _commands(names=COMMANDS) -> dict:
     # __import__ rather than importlib.import_module: -X importtime then shows each one.
-    return {name: __import__(f"vmm.cli.{name}", fromlist=["main"]) for name in COMMANDS}
+    return {name: __import__(f"vmm.cli.{name}", fromlist=["main"]) for name in names}
 
 
 def parser(commands: dict | None = None):
@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from vmm.errors import HostError, UserError
 
-    commands = _commands()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Start-up: `pyvmm boot ...` imports and adds only boot (~1 ms); --help etc. all.
+    commands = _commands(argv[:1] if argv[:1] and argv[0] in COMMANDS else COMMANDS)
     p = parser(commands)
     args = p.parse_args(argv)
     if args.command is None:
