@@ -70,7 +70,7 @@ class Machine:
         self.loops: list[VcpuLoop] = []
         self.shim_serial = None
         #: One-line notes worth telling the user once (e.g. KVM capabilities this host
-        #: lacks); already logged as warnings, for callers that show their own.
+        #: lacks), for the CLI to show with its own notes; also logged (INFO) once.
         self.notes: list[str] = []
         self._kernel_loaded = False
         self.times: dict[str, float] = {"start": time.monotonic()}
@@ -123,7 +123,7 @@ class Machine:
         self.notes.append(note)
         if note not in _reported:
             _reported.add(note)
-            log.warning("%s", note)
+            log.info("%s", note)
 
     def _host_address(self, buf) -> int:
         shim = native()
