@@ -15,7 +15,7 @@ measuring and stays in the page cache; no drop_caches), so this measures the VMM
 overhead over page-cache copies, not the disk. Write phases are followed by an
 untimed fdatasync so dirty pages do not pile up from one measurement to the next.
 
-The guest's own code is interpreted on emulation-only KVM hosts (HOST-KVM.md), so
+The guest's own code is interpreted on emulation-only KVM hosts (docs/emulation-only-hosts.md), so
 its per-request work (a few dozen instructions) counts; large sequential requests
 make it negligible, 4 KiB random reads do not. QEMU cannot run on such hosts, so
 there is no QEMU column; the host's pread/pwrite is the reference.
@@ -42,18 +42,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from rich.console import Console
+from rich.table import Table
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from vmm import iothread, tinyguest  # noqa: E402
-from vmm.devices.virtio import mmio as M  # noqa: E402
-from vmm.devices.virtio.blk import VirtioBlk  # noqa: E402
-from vmm.devices.virtio.mmio import VirtioMmioTransport  # noqa: E402
-from vmm.machine import DiskConfig, ExitReason, Machine, MachineConfig  # noqa: E402
-from vmm.memory import GuestMemory  # noqa: E402
-from vmm.vcpu import default_loop  # noqa: E402
+from vmm import iothread, tinyguest
+from vmm.devices.virtio import mmio as M
+from vmm.devices.virtio.blk import VirtioBlk
+from vmm.devices.virtio.mmio import VirtioMmioTransport
+from vmm.machine import DiskConfig, ExitReason, Machine, MachineConfig
+from vmm.memory import GuestMemory
+from vmm.vcpu import default_loop
 
 #: The stamp device: unused MMIO next to the test device (layout.TEST_MMIO_START).
 STAMP_ADDR = 0xE000_1000
@@ -326,7 +324,7 @@ def main() -> int:
                   + (" [bold red]-- other work competed for the CPUs: the guest figures are "
                      "noisy[/]" if max(load_before, load_after) > ncpu - 1 else ""))
     console.print("QEMU cannot run on this host (emulation-only nested KVM: see "
-                  "HOST-KVM.md), so the host's own pread/pwrite is the reference.")
+                  "docs/emulation-only-hosts.md), so the host's own pread/pwrite is the reference.")
     for name, prof in profiles.items():
         console.print(f"\n[bold]I/O thread profile, {name}[/] (cProfile, by own time)")
         console.print(top_functions(prof), markup=False, highlight=False, soft_wrap=True)

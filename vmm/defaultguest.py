@@ -11,7 +11,7 @@ recorded paths directly; anything else falls back to :mod:`vmm.guestbuild`, whos
 content hashes stay the authority (an unchanged input with a new mtime only costs one
 key computation, then the manifest is rewritten).
 
-Start-up path: imports only os, json and vmm.paths.
+Start-up path: imports only os, json, vmm.guestdefs and vmm.paths.
 """
 
 from __future__ import annotations
@@ -20,22 +20,10 @@ import json
 import os
 
 from vmm import __version__
+from vmm.guestdefs import (AGENT_PARAM, BUILD_RECIPE_VERSION, CMD_PARAM,  # noqa: F401
+                           EXIT_MARKER, READY_MARKER, ROOTFS_PARAM)
 from vmm.paths import cache_dir, guests_dir, write_atomic
 
-#: Printed by /init on the console once the guest's user space is up.
-READY_MARKER = "pyvmm: ready"
-#: Printed by /init after the ``pyvmm.cmd`` command finished, followed by " <status>".
-EXIT_MARKER = "pyvmm: exit"
-#: Kernel command-line parameter carrying a base64-encoded shell command for /init.
-CMD_PARAM = "pyvmm.cmd"
-#: Kernel command-line word that makes /init start the agent on ttyS1 (vmm/guest.py).
-AGENT_PARAM = "pyvmm.agent"
-#: Kernel command-line parameter naming the disk the agent chroots commands into.
-ROOTFS_PARAM = "pyvmm.rootfs"
-
-#: Bump when the way the guest is built changes (not needed for input edits: those are
-#: hashed by vmm.guestbuild). Part of every cache key and of the manifest.
-BUILD_RECIPE_VERSION = 1
 
 #: Environment variables that choose inputs (a change invalidates the manifest).
 _ENV = ("CC", "PATH", "PYVMM_BUSYBOX")

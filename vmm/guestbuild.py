@@ -53,8 +53,8 @@ from vmm.errors import HostError
 # Constants shared with the guest's /init and with the tests
 # --------------------------------------------------------------------------------------
 
-from vmm.defaultguest import (AGENT_PARAM, BUILD_RECIPE_VERSION, CMD_PARAM,  # noqa: F401
-                              EXIT_MARKER, READY_MARKER, ROOTFS_PARAM)
+from vmm.guestdefs import (AGENT_PARAM, BUILD_RECIPE_VERSION, CMD_PARAM,  # noqa: F401
+                           EXIT_MARKER, READY_MARKER, ROOTFS_PARAM)
 from vmm.paths import cache_dir as _cache_dir, guests_dir
 
 #: Matches the exit line; group 1 is the command's exit status.

@@ -16,11 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from vmm.errors import UserError
-
-
-class LoaderError(UserError):
-    """A kernel, initrd or command line pyvmm cannot use; the message is one line."""
+from vmm.loader.errors import LoaderError
 
 
 class LoadedKernel:
@@ -173,7 +169,7 @@ def load_kernel(mem, path: str | Path, *, mode: str = "auto") -> LoadedKernel:
         raise LoaderError(f"{path}: out of host memory while loading the kernel") from None
 
 
-from vmm.loader.initrd import load_initrd  # noqa: E402  (needs LoaderError above)
+from vmm.loader.initrd import load_initrd  # noqa: E402
 from vmm.loader.symbols import SymbolTable  # noqa: E402
 
 __all__ = ["LoaderError", "LoadedKernel", "load_kernel", "load_initrd", "SymbolTable", "MODES"]

@@ -16,7 +16,7 @@ import struct
 from collections import namedtuple
 
 from vmm.arch.x86_64 import layout
-from vmm.loader import LoaderError
+from vmm.loader.errors import LoaderError
 from vmm.memory import GuestMemory
 
 # --- Offsets of setup-header fields (boot.rst) -------------------------------------

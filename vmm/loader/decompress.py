@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 import zlib
 
-from vmm.loader import LoaderError
+from vmm.loader.errors import LoaderError
 
 #: Magic bytes at the start of each payload format, in the order they are tried.
 MAGICS: tuple[tuple[str, bytes], ...] = (

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vmm.loader import LoaderError
+from vmm.loader.errors import LoaderError
 
 PAGE_SIZE = 0x1000
 

@@ -11,7 +11,7 @@ import bisect
 import io
 from pathlib import Path
 
-from vmm.loader import LoaderError
+from vmm.loader.errors import LoaderError
 
 #: System.map symbol types that name code (nm: t/T text, w/W weak).
 _TEXT_TYPES = frozenset("tTwW")
