@@ -112,6 +112,16 @@ def test_notes_are_held_without_verbose_and_printed_on_failure():
     assert printed == ["note: host is emulation-only", "note: AVX"]
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_note_added_again_is_said_once(verbose):
+    printed = []
+    notes = common.Notes(verbose, printed.append)
+    notes.add("note: a", "note: b")
+    notes.add("note: a")                            # e.g. the VM restarted
+    notes.failed()
+    assert printed == ["note: a", "note: b"]
+
+
 def test_notes_are_printed_at_once_with_verbose_and_not_again_on_failure():
     printed = []
     notes = common.Notes(True, printed.append)

@@ -121,9 +121,7 @@ def main(args) -> int:
                 config.quirks = linux.quirks
             with Machine(config) as machine:
                 interrupted["machine"] = machine
-                if linux is not None:
-                    notes.add(*linux.notes)
-                    linux.notes = []            # said once, not again on a restart
+                notes.add(*(linux.notes if linux else ()), *machine.notes)
                 if machine.kernel.fallback_reason:
                     notes.add("note: starting the kernel's own decompressor: "
                               + machine.kernel.fallback_reason)
@@ -159,8 +157,7 @@ def main(args) -> int:
     except (UserError, KeyboardInterrupt):
         raise
     except BaseException:       # a VMM error or a bug: the notes may explain it
-        if linux is not None:
-            notes.add(*linux.notes)     # when it failed before the VM was built
+        notes.add(*(linux.notes if linux else ()))  # if it failed before the VM was built
         notes.failed()
         raise
     finally:

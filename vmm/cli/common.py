@@ -98,6 +98,7 @@ class Notes:
     With ``verbose`` a note is written as soon as it is added. Without, it is held, and
     written only by ``failed()``: when the command then fails the notes explain the
     host, and when it succeeds stderr holds only what the guest (or CMD) wrote there.
+    A note added again (a VM restarted, a retry) is ignored: each is said once.
 
     Args:
         verbose: write each note at once.
@@ -108,9 +109,13 @@ class Notes:
         self.verbose = verbose
         self._write = write if write is not None else err
         self.held: list[str] = []
+        self._seen: set[str] = set()
 
     def add(self, *notes: str) -> None:
         for note in notes:
+            if note in self._seen:
+                continue
+            self._seen.add(note)
             if self.verbose:
                 self._write(note)
             else:
