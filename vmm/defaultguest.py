@@ -11,60 +11,76 @@ recorded paths directly; anything else falls back to :mod:`vmm.guestbuild`, whos
 content hashes stay the authority (an unchanged input with a new mtime only costs one
 key computation, then the manifest is rewritten).
 
-Start-up path: imports only os, json, vmm.guestdefs and vmm.paths.
+Start-up path: imports only os, vmm.guestdefs and vmm.paths (not json: see
+vmm.paths.write_records).
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 from vmm import __version__
 from vmm.guestdefs import (AGENT_PARAM, BUILD_RECIPE_VERSION, CMD_PARAM,  # noqa: F401
                            EXIT_MARKER, READY_MARKER, ROOTFS_PARAM)
-from vmm.paths import cache_dir, guests_dir, write_atomic
+from vmm.paths import cache_dir, guests_dir, read_records, write_records
 
 
 #: Environment variables that choose inputs (a change invalidates the manifest).
 _ENV = ("CC", "PATH", "PYVMM_BUSYBOX")
-_MANIFEST_VERSION = 1
+_MANIFEST_VERSION = "2"
 
 
 def manifest_path() -> str:
     """One manifest per installed copy of the guest sources (two venvs don't fight)."""
-    import zlib
-    tag = zlib.crc32(guests_dir().encode()) & 0xFFFFFFFF
-    return os.path.join(cache_dir(), f"default-guest-{tag:08x}.json")
+    tag = 0x811C9DC5                     # FNV-1a of the path (zlib costs an import)
+    for byte in guests_dir().encode():
+        tag = ((tag ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return os.path.join(cache_dir(), f"default-guest-{tag:08x}")
 
 
-def _stat(path: str) -> list | None:
+def _stat(path: str) -> str:
+    """``size mtime_ns inode`` of ``path``, or ``-`` when it does not exist."""
     try:
         st = os.stat(path)
     except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+        return "-"
+    return f"{st.st_size} {st.st_mtime_ns} {st.st_ino}"
+
+
+def _env_records() -> list[tuple[str, str]]:
+    return [(f"env.{k}", "-" if os.environ.get(k) is None else "=" + os.environ[k])
+            for k in _ENV]
+
+
+def _patches() -> str:
+    return "/".join(sorted(os.listdir(os.path.join(guests_dir(), "linux", "patches"))))
 
 
 def _lookup() -> tuple[str, str] | None:
     """The recorded (vmlinux, initramfs) if the manifest still holds, else None."""
     try:
-        with open(manifest_path(), "rb") as f:
-            m = json.loads(f.read())
-        if (m.get("version") != _MANIFEST_VERSION or m.get("pyvmm") != __version__
-                or m.get("recipe") != BUILD_RECIPE_VERSION
-                or m.get("env") != {k: os.environ.get(k) for k in _ENV}):
-            return None
-        if any(_stat(path) != st for path, st in m["inputs"]):
-            return None
-        patches = os.path.join(guests_dir(), "linux", "patches")
-        if sorted(os.listdir(patches)) != m["patches"]:
-            return None
-        vmlinux, initramfs = m["vmlinux"], m["initramfs"]
-        if _stat(vmlinux) is None or _stat(initramfs) is None:
-            return None
-        return vmlinux, initramfs
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        records = read_records(manifest_path())
+    except (OSError, ValueError):
         return None
+    head = dict(records)
+    want = {"manifest": _MANIFEST_VERSION, "pyvmm": __version__,
+            "recipe": str(BUILD_RECIPE_VERSION), **dict(_env_records())}
+    if any(head.get(k) != v for k, v in want.items()):
+        return None
+    try:
+        if head.get("patches") != _patches():
+            return None
+    except OSError:
+        return None
+    for key, value in records:
+        if key == "input":
+            st, _, path = value.partition("\t")    # "<size> <mtime> <inode>\t<path>"
+            if _stat(path) != st:
+                return None
+    vmlinux, initramfs = head.get("vmlinux"), head.get("initramfs")
+    if not vmlinux or not initramfs or _stat(vmlinux) == "-" or _stat(initramfs) == "-":
+        return None
+    return vmlinux, initramfs
 
 
 def default_guest() -> tuple[str, str]:
@@ -82,21 +98,16 @@ def default_guest() -> tuple[str, str]:
     vmlinux, initramfs = guestbuild.default_guest()
     try:
         write_manifest(str(vmlinux), str(initramfs), guestbuild.input_files())
-    except OSError:
-        pass  # a read-only cache still works, only slower
+    except (OSError, ValueError):
+        pass  # a read-only cache (or an odd path) still works, only slower
     return str(vmlinux), str(initramfs)
 
 
 def write_manifest(vmlinux: str, initramfs: str, inputs: list[str]) -> None:
     """Record the results and the current state of ``inputs`` (file paths)."""
-    m = {
-        "version": _MANIFEST_VERSION,
-        "pyvmm": __version__,
-        "recipe": BUILD_RECIPE_VERSION,
-        "env": {k: os.environ.get(k) for k in _ENV},
-        "inputs": [[p, _stat(p)] for p in inputs],
-        "patches": sorted(os.listdir(os.path.join(guests_dir(), "linux", "patches"))),
-        "vmlinux": vmlinux,
-        "initramfs": initramfs,
-    }
-    write_atomic(manifest_path(), json.dumps(m, indent=1).encode())
+    records = [("manifest", _MANIFEST_VERSION), ("pyvmm", __version__),
+               ("recipe", str(BUILD_RECIPE_VERSION)), *_env_records(),
+               ("patches", _patches()),
+               *(("input", f"{_stat(p)}\t{p}") for p in inputs),
+               ("vmlinux", vmlinux), ("initramfs", initramfs)]
+    write_records(manifest_path(), records)

@@ -393,6 +393,7 @@ class Guest:
                                markers={defaultguest.READY_MARKER.encode(): "ready"},
                                quirks=setup.quirks, disks=disks, serial2=self._on_serial2)
         self._machine = Machine(config)
+        self.notes.extend(self._machine.notes)
         self._thread = threading.Thread(target=self._vm_main, name=self.name, daemon=True)
         self._thread.start()
         if not self._ready.wait(self.boot_timeout):

@@ -63,30 +63,27 @@ def _boot_id() -> str | None:
 def verdict_path() -> str:
     import os
     from vmm.paths import cache_dir
-    return os.path.join(cache_dir(), "host-probe.json")
+    return os.path.join(cache_dir(), "host-probe")
 
 
 def _load_verdict(boot_id: str) -> HostProfile | None:
-    import json
+    from vmm.paths import read_records
     try:
-        with open(verdict_path(), "rb") as f:
-            v = json.loads(f.read())
-        if v.get("version") != _VERDICT_VERSION or v.get("boot_id") != boot_id:
+        v = dict(read_records(verdict_path()))
+        if v.get("version") != str(_VERDICT_VERSION) or v.get("boot_id") != boot_id:
             return None
         mips, tsc = float(v["mips"]), int(v["tsc_khz"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError):
         return None
     return HostProfile(emulated=mips < EMULATED_MIPS_THRESHOLD, mips=mips, tsc_khz=tsc)
 
 
 def _save_verdict(boot_id: str, host: HostProfile) -> None:
-    import json
-    from vmm.paths import write_atomic
+    from vmm.paths import write_records
     try:
-        write_atomic(verdict_path(), json.dumps({
-            "version": _VERDICT_VERSION, "boot_id": boot_id, "mips": host.mips,
-            "tsc_khz": host.tsc_khz}).encode())
-    except OSError:
+        write_records(verdict_path(), [("version", str(_VERDICT_VERSION)), ("boot_id", boot_id),
+                                       ("mips", repr(host.mips)), ("tsc_khz", str(host.tsc_khz))])
+    except (OSError, ValueError):
         pass  # an unwritable cache only means measuring again next time
 
 
