@@ -22,7 +22,7 @@ from vmm.hostcheck import HostProfile
 
 PROFILES = ("auto", "host", "safe")
 
-#: Features whose instructions KVM's emulator cannot execute (HOST-KVM.md):
+#: Features whose instructions KVM's emulator cannot execute (docs/emulation-only-hosts.md):
 #: SMAP (clac/stac), CX16 (lock cmpxchg16b), POPCNT, XSAVE family, RDRAND/RDSEED.
 SAFE_CLEARCPUID = ("smap", "cx16", "popcnt", "xsave", "rdrand", "rdseed")
 

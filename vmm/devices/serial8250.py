@@ -19,7 +19,7 @@ reads 0x60). A THR-empty interrupt therefore becomes pending as soon as IER THRI
 is enabled (rising edge, as QEMU and Bochs do) and again after each THR write
 while it is enabled; reading IIR while it reports THRI clears it (16550 datasheet,
 "Interrupt Control Functions"). Linux's 8250 driver relies on this interrupt for
-userspace tty writes (HOST-KVM.md).
+userspace tty writes (docs/emulation-only-hosts.md).
 
 Interrupt priorities (IIR bits 3..1): receiver line status (OE, 0x06) > received
 data available (0x04) > THR empty (0x02). Modem-status interrupts are not
