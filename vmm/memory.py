@@ -91,9 +91,30 @@ except ImportError:  # the shim is not built: a slower barrier that is still ful
 #: (mfence), or without the shim a lock round trip.
 memory_barrier = _shim_lib.shim_mb if _shim_lib is not None else _lock_barrier
 
+#: MAP_NORESERVE where the mmap module names it (no swap reserved for the whole mapping
+#: up front), else 0 and the host's overcommit policy decides.
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0)
+
+#: :meth:`GuestMemory.save_to` compares RAM against zeros a chunk at a time, then the
+#: pages of each non-zero chunk, and writes only non-zero pages: the file's holes are
+#: exactly the zero pages (which ``cp`` and ``tar -S`` then keep as holes too).
+_SAVE_CHUNK = 64 * layout.KiB
+_SAVE_PAGE = 4 * layout.KiB
+
+
+def _checked_size(size: int) -> int:
+    """``size`` rounded up to 2 MiB, or GuestMemoryError when out of range."""
+    size = (size + 2 * layout.MiB - 1) & ~(2 * layout.MiB - 1)
+    if size < MIN_MEM_SIZE or size > MAX_MEM_SIZE:
+        raise GuestMemoryError(
+            f"memory size {size >> 20} MiB is out of range "
+            f"({MIN_MEM_SIZE >> 20} MiB to {MAX_MEM_SIZE >> 30} GiB)")
+    return size
+
 
 class GuestMemory:
-    """Guest RAM backed by one anonymous mapping.
+    """Guest RAM backed by one anonymous mapping (or, through :meth:`from_file`, by a
+    private copy-on-write mapping of a saved RAM file).
 
     Args:
         size: bytes of RAM (see :func:`parse_size`); rounded up to 2 MiB.
@@ -101,21 +122,71 @@ class GuestMemory:
         GuestMemoryError: the size is out of range or the host refuses the mapping.
     """
 
+    #: The file this memory was mapped from (:meth:`from_file`), or None.
+    backing_path: str | None = None
+
     def __init__(self, size: int):
-        size = (size + 2 * layout.MiB - 1) & ~(2 * layout.MiB - 1)
-        if size < MIN_MEM_SIZE or size > MAX_MEM_SIZE:
-            raise GuestMemoryError(
-                f"memory size {size >> 20} MiB is out of range "
-                f"({MIN_MEM_SIZE >> 20} MiB to {MAX_MEM_SIZE >> 30} GiB)")
+        size = _checked_size(size)
         try:
-            self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-                                  | getattr(mmap, "MAP_NORESERVE", 0))
+            mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                                | _MAP_NORESERVE)
         except (OSError, OverflowError) as e:
             raise GuestMemoryError(f"cannot allocate {size >> 20} MiB of guest memory: {e}") from None
         try:
-            self._map.madvise(mmap.MADV_MERGEABLE)
+            mapping.madvise(mmap.MADV_MERGEABLE)
         except (AttributeError, OSError):
             pass
+        self._attach(mapping, size)
+
+    @classmethod
+    def from_file(cls, path: str, size: int) -> "GuestMemory":
+        """Guest RAM mapped copy-on-write from a file written by :meth:`save_to`.
+
+        The mapping is ``MAP_PRIVATE``: nothing is read up front (a page is loaded from
+        the file when the guest or the VMM first touches it), a write copies that one
+        page into this process, the file is never written, and any number of VMs can
+        map one file and share its unmodified pages through the page cache. The file
+        must stay in place (and unmodified: it is not copied) for the mapping's life.
+
+        Args:
+            path: the RAM file.
+            size: the guest's RAM size in bytes (a valid :class:`GuestMemory` size,
+                i.e. a multiple of 2 MiB); the file must hold exactly this many bytes.
+        Returns:
+            A GuestMemory with the same regions as ``GuestMemory(size)``.
+        Raises:
+            GuestMemoryError: the size is unusable, the file cannot be opened or mapped,
+                or its size differs.
+        """
+        import os
+        if _checked_size(size) != size:
+            raise GuestMemoryError(f"memory size {size} is not a multiple of 2 MiB")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise GuestMemoryError(f"cannot open guest memory file {path}: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if st.st_size != size:
+                raise GuestMemoryError(
+                    f"guest memory file {path} holds {st.st_size} bytes, expected {size}")
+            # A private mapping of a read-only fd may still be PROT_WRITE: writes go to
+            # private copies of the pages, never to the file.
+            mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError, OverflowError) as e:
+            raise GuestMemoryError(f"cannot map guest memory file {path}: "
+                                   f"{getattr(e, 'strerror', None) or e}") from None
+        finally:
+            os.close(fd)
+        # No MADV_MERGEABLE here: unmodified pages are shared already, by the page cache.
+        self = cls.__new__(cls)
+        self._attach(mapping, size)
+        self.backing_path = path
+        return self
+
+    def _attach(self, mapping: mmap.mmap, size: int) -> None:
+        self._map = mapping
         self.size = size
         self.regions = ram_regions(size)
         #: ``(guest_addr, end, host_offset)`` of each region, for hot paths that check
@@ -138,6 +209,78 @@ class GuestMemory:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # -- saving --------------------------------------------------------------------
+    def save_to(self, path: str) -> int:
+        """Write guest RAM to a new sparse file of exactly :attr:`size` bytes.
+
+        Zero pages are not stored (they are holes), so the file takes about as much disk
+        as the guest has non-zero RAM; reading an untouched page of an anonymous mapping
+        maps the kernel's shared zero page, so this allocates no RAM either. The file is
+        fsynced before this returns. The vCPUs must be paused (nothing may write RAM
+        meanwhile).
+
+        The file must not exist yet: it is created, never truncated, so a RAM file that
+        some VM maps with :meth:`from_file` (perhaps this one) is never changed under it.
+        On a failure the partial file is removed.
+
+        Args:
+            path: the file to create.
+        Returns:
+            The number of bytes actually stored (the non-zero pages).
+        Raises:
+            GuestMemoryError: the file exists, or cannot be created or written.
+        """
+        import os
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise GuestMemoryError(f"{path} exists; guest memory is saved to a new file only") from None
+        except OSError as e:
+            raise GuestMemoryError(f"cannot create {path}: {e.strerror}") from None
+        try:
+            stored = self._write_nonzero(fd)
+            os.ftruncate(fd, self.size)
+            os.fsync(fd)
+        except OSError as e:
+            os.close(fd)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            raise GuestMemoryError(f"cannot write guest memory to {path}: {e.strerror}") from None
+        os.close(fd)
+        return stored
+
+    def _write_nonzero(self, fd: int) -> int:
+        """pwrite every non-zero page of RAM at its host offset (runs of them coalesced)."""
+        import os
+        m, view, size = self._map, self._view, self.size
+        chunk, page = _SAVE_CHUNK, _SAVE_PAGE
+        zero_chunk, zero_page = bytes(chunk), bytes(page)
+        stored = 0
+        run_start = run_end = 0        # the pending run of non-zero pages [start, end)
+
+        def flush() -> int:
+            n = 0
+            while run_start + n < run_end:   # pwrite may write less than asked
+                n += os.pwrite(fd, view[run_start + n:run_end], run_start + n)
+            return n
+
+        for off in range(0, size, chunk):
+            data = m[off:off + chunk]        # one copy, then a C memcmp against zeros
+            if data == zero_chunk:
+                continue
+            for p in range(0, len(data), page):
+                if data[p:p + page] == zero_page:
+                    continue
+                start = off + p
+                if start != run_end:
+                    stored += flush()
+                    run_start = start
+                run_end = start + page
+        stored += flush()
+        return stored
 
     @property
     def host_buffer(self) -> mmap.mmap:
