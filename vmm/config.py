@@ -95,6 +95,8 @@ class MachineConfig:
         own symbols, or a System.map beside the kernel file).
     serial2: where bytes the guest writes to the second UART (ttyS1) go; Linux guests
         only. Called on a vCPU thread. Host-to-guest bytes: Machine.serial2.enqueue_input.
+    cpu_profile: the name of the CPU profile the command line was made for ("host",
+        "safe"; "" if none), recorded in snapshots (a restore must match it).
     """
 
     def __init__(self, kernel: Path, *, mem_size: int = 256 << 20, cpus: int = 1,
@@ -103,7 +105,7 @@ class MachineConfig:
                  console: Callable[[bytes], None] = _discard,
                  markers: dict[bytes, str] | None = None, quirks: HostQuirks | None = None,
                  disks: list[DiskConfig] | None = None, system_map: Path | None = None,
-                 serial2: Callable[[bytes], None] = _discard):
+                 serial2: Callable[[bytes], None] = _discard, cpu_profile: str = ""):
         self.kernel = kernel
         self.mem_size = mem_size
         self.cpus = cpus
@@ -118,6 +120,7 @@ class MachineConfig:
         self.disks = disks if disks is not None else []
         self.system_map = system_map
         self.serial2 = serial2
+        self.cpu_profile = cpu_profile
 
     def __repr__(self) -> str:
         return (f"MachineConfig(kernel={self.kernel!r}, mem_size={self.mem_size}, "

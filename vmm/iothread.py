@@ -64,7 +64,9 @@ class IoThread:
             os.eventfd_write(self._wake, 1)
 
     def start(self) -> None:
-        if (self._fds or self._readers) and self.thread is None:
+        """Start the thread (again, after stop(): a paused VM resumes)."""
+        if (self._fds or self._readers) and self.thread is None and self._wake >= 0:
+            self._stop = False
             self.thread = threading.Thread(target=self._run, name="io", daemon=True)
             self.thread.start()
 
@@ -98,6 +100,7 @@ class IoThread:
             os.eventfd_write(self._wake, 1)
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join()
+            self.thread = None
 
     def close(self) -> None:
         self.stop()

@@ -61,9 +61,23 @@ _reported: set[str] = set()
 class Machine:
     """A VM built from ``config``; use as a context manager, then :meth:`run`."""
 
-    def __init__(self, config: MachineConfig):
+    def __init__(self, config: MachineConfig, snapshot=None):
+        """Build the hardware, then boot ``config.kernel`` — or, with ``snapshot`` (a
+        vmm.snapshot.Snapshot, already read and checked), restore it instead (memory
+        mapped from its file, every device and vCPU put back in its saved state).
+        Firecracker's build_microvm_for_boot / build_microvm_from_snapshot, over the
+        same hardware-creation steps."""
         self.config = config
+        self.snapshot = snapshot
         self.stopping = False
+        #: Set by pause(): the vCPU loops return, the VM does not end.
+        self._pausing = False
+        self.paused = False
+        self._started = False
+        self._ended = threading.Event()
+        self._pause_lock = threading.Lock()
+        #: Stateful devices by name, in creation order (snapshots save them by name).
+        self.devices: dict[str, object] = {}
         self.result: VmExit | None = None
         self._result_lock = threading.Lock()
         self._closers: list[Callable[[], None]] = []
@@ -93,7 +107,10 @@ class Machine:
         self.vm.create_irqchip()
         self.vm.create_pit2()
 
-        self.mem = GuestMemory(cfg.mem_size)
+        if self.snapshot is None:
+            self.mem = GuestMemory(cfg.mem_size)
+        else:   # copy-on-write: nothing read up front, the file is never written
+            self.mem = GuestMemory.from_file(self.snapshot.memory_path, cfg.mem_size)
         self._closers.append(self.mem.close)
         self._mem_cdata = None
         host_base = self.mem_host_address = self._host_address(self.mem.host_buffer)
@@ -110,8 +127,14 @@ class Machine:
         #: Called on a vCPU thread for every exit that reaches Python.
         self.handle_exit = self.exit_handler.handle
         self._build_devices()
-        self._load()
-        self._build_vcpus()
+        if self.snapshot is None:
+            self._load()
+        self._create_vcpus()
+        if self.snapshot is None:
+            self._boot_vcpus()
+        else:
+            from vmm.snapshot import persist
+            persist.restore_state(self, self.snapshot)
 
     def _report_missing_caps(self) -> None:
         """Say once that optional KVM capabilities are missing (quiet when none are)."""
@@ -163,19 +186,26 @@ class Machine:
         if self.shim_serial is not None:
             self.serial.on_state_change = self._sync_serial_fast_path
             self._sync_serial_fast_path()
-        self.pio.insert(layout.COM1_PORT, serial8250.WINDOW_SIZE, self.serial, "com1")
+        self._add_device(self.pio, layout.COM1_PORT, serial8250.WINDOW_SIZE, self.serial, "com1")
         if cfg.kind == "linux":
             self.serial2 = serial8250.Serial8250(self._irq(layout.COM2_IRQ), cfg.serial2)
-            self.pio.insert(layout.COM2_PORT, serial8250.WINDOW_SIZE, self.serial2, "com2")
-        self.pio.insert(layout.I8042_DATA_PORT, i8042.WINDOW_SIZE,
-                        i8042.I8042(self._guest_reset), "i8042")
-        self.pio.insert(layout.CMOS_INDEX_PORT, cmos.WINDOW_SIZE, cmos.Cmos(), "cmos")
-        self.pio.insert(layout.DEBUG_EXIT_PORT, debugexit.WINDOW_SIZE,
-                        debugexit.DebugExit(self._debug_exit), "debug-exit")
+            self._add_device(self.pio, layout.COM2_PORT, serial8250.WINDOW_SIZE, self.serial2,
+                             "com2")
+        self._add_device(self.pio, layout.I8042_DATA_PORT, i8042.WINDOW_SIZE,
+                         i8042.I8042(self._guest_reset), "i8042")
+        self._add_device(self.pio, layout.CMOS_INDEX_PORT, cmos.WINDOW_SIZE, cmos.Cmos(), "cmos")
+        self._add_device(self.pio, layout.DEBUG_EXIT_PORT, debugexit.WINDOW_SIZE,
+                         debugexit.DebugExit(self._debug_exit), "debug-exit")
         if cfg.kind == "raw":
             self.testdev = TestDevice()
-            self.mmio.insert(layout.TEST_MMIO_START, layout.TEST_MMIO_SIZE, self.testdev, "testdev")
+            self._add_device(self.mmio, layout.TEST_MMIO_START, layout.TEST_MMIO_SIZE,
+                             self.testdev, "testdev")
         self._build_virtio()
+
+    def _add_device(self, bus: Bus, base: int, size: int, device, name: str) -> None:
+        """Put ``device`` on ``bus`` and in the registry snapshots are saved from."""
+        bus.insert(base, size, device, name)
+        self.devices[name] = device
 
     def _build_virtio(self) -> None:
         """The I/O thread, then one virtio-blk device per configured disk."""
@@ -257,25 +287,39 @@ class Machine:
         if cfg.cpus > 1:
             mptable.write_mptable(self.mem, cfg.cpus)
 
-    def _build_vcpus(self) -> None:
+    def _create_vcpus(self) -> None:
+        """Create every vCPU with its CPUID table and its run loop (no CPU state yet)."""
         cfg = self.config
         install_kick_handler()
         supported = self.kvm.supported_cpuid()
+        #: The CPUID table of vCPU 0, as given to KVM (a snapshot depends on it).
+        self.cpuid_table = None
         for i in range(cfg.cpus):
             vcpu = self.vm.create_vcpu(i)
             self._closers.append(vcpu.close)
-            vcpu.set_cpuid(cpuid.vcpu_cpuid(supported, i, cfg.cpus))
-            cpu.setup_msrs(vcpu)
-            cpu.setup_lapic(vcpu)
-            # vCPU 0 is the boot CPU; the others stay in KVM's wait-for-SIPI state until
-            # the guest wakes them through its local APIC (INIT, SIPI).
+            table = cpuid.vcpu_cpuid(supported, i, cfg.cpus)
             if i == 0:
-                cpu.setup_long_mode(vcpu, self.kernel.entry, boot_params=self.boot_params_addr)
+                self.cpuid_table = table
+            vcpu.set_cpuid(table)
             loop = VcpuLoop(vcpu, cfg.loop, handle_exit=self.handle_exit,
-                            stopping=lambda: self.stopping, fail=self.fail,
+                            stopping=self._loops_should_return, fail=self.fail,
                             shim_serial=self.shim_serial)
             self._closers.append(loop.close)
             self.loops.append(loop)
+
+    def _boot_vcpus(self) -> None:
+        """The boot CPU state: MSRs and LAPIC on every vCPU, long mode at the kernel's
+        entry on vCPU 0; the others stay in KVM's wait-for-SIPI state until the guest
+        wakes them through its local APIC (INIT, SIPI)."""
+        for i, loop in enumerate(self.loops):
+            cpu.setup_msrs(loop.vcpu)
+            cpu.setup_lapic(loop.vcpu)
+            if i == 0:
+                cpu.setup_long_mode(loop.vcpu, self.kernel.entry,
+                                    boot_params=self.boot_params_addr)
+
+    def _loops_should_return(self) -> bool:
+        return self.stopping or self._pausing
 
     @property
     def boot_params_addr(self) -> int:
@@ -291,8 +335,10 @@ class Machine:
         """``function+offset/size`` for a guest code address, when symbols are known."""
         if self.config.system_map is not None:
             symbols = SymbolTable.from_system_map(self.config.system_map)
-        else:
+        elif getattr(self, "kernel", None) is not None:
             symbols = self.kernel.symbols
+        else:   # restored from a snapshot: no kernel file was loaded
+            symbols = None
         return symbols.lookup(addr) if symbols else None
 
     # -- device callbacks --------------------------------------------------------------------
@@ -327,6 +373,7 @@ class Machine:
                 self.result = VmExit(reason, EXIT_STATUS[reason] if status is None else status, detail)
                 self.times["exit"] = time.monotonic()
             self.stopping = True
+            self._ended.set()
         for loop in self.loops:
             if loop.thread is not threading.current_thread():
                 loop.kick()
@@ -339,35 +386,109 @@ class Machine:
         self.request_exit(ExitReason.STOPPED, detail="stopped by request")
 
     def run(self, timeout: float | None = None) -> VmExit:
-        """Run every vCPU until the VM ends (or ``timeout`` seconds pass: STOPPED)."""
+        """Run every vCPU until the VM ends (or ``timeout`` seconds pass: STOPPED).
+
+        The VM may be paused and resumed (pause(), resume(), snapshot()) from other
+        threads meanwhile; run() returns only when it has ended."""
         console = None
         if self.config.loop == "shim":
             console = threading.Thread(target=self._console_thread, name="console", daemon=True)
             console.start()
         self.times["run"] = time.monotonic()
+        self._started = True
+        if self.snapshot is not None:
+            from vmm.snapshot import persist
+            persist.after_restore(self)
         self.io.start()
         for loop in self.loops:
             loop.start()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            for loop in self.loops:
-                while loop.thread.is_alive():
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        self.request_exit(ExitReason.STOPPED, detail=f"timed out after {timeout} s")
-                        deadline = None
-                        continue
-                    loop.thread.join(0.2 if left is None else min(left, 0.2))
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    self.request_exit(ExitReason.STOPPED, detail=f"timed out after {timeout} s")
+                    deadline = None
+                if self._ended.wait(0.2 if left is None else max(0.0, min(left, 0.2))):
+                    break
         finally:
             self.stop()
+            with self._pause_lock:        # a pause in progress finishes first
+                pass
             for loop in self.loops:
-                loop.thread.join()
+                if loop.thread is not None:
+                    loop.thread.join()
             self.io.stop()
             if console is not None:
                 native().lib.shim_tx_close(self._txbuf)
                 os.eventfd_write(self._tx_event, 1)
                 console.join()
         return self.result
+
+    # -- pause, resume, snapshot ----------------------------------------------------------
+    def pause(self) -> bool:
+        """Stop every vCPU and the I/O thread with nothing half done; returns False if
+        the VM ended first (then nothing is paused).
+
+        The vCPU loops are asked to return (immediate_exit + a kick), joined, and each
+        vCPU makes one more KVM_RUN with immediate_exit set, which completes port or
+        MMIO I/O the last exit left pending (its result is in the kvm_run page until
+        then); the I/O thread finishes the request in hand and stops, so no virtio
+        request is half processed. Call from any thread but a vCPU or the I/O thread.
+        """
+        with self._pause_lock:
+            if self.paused:
+                return True
+            if self.stopping or not getattr(self, "_started", False):
+                return False
+            self._pausing = True
+            for loop in self.loops:
+                loop.kick()
+            for loop in self.loops:
+                if loop.thread is not None:
+                    loop.thread.join()
+            if self.stopping:
+                self._pausing = False
+                return False
+            for loop in self.loops:
+                loop.vcpu.immediate_exit = 1
+                loop.vcpu.run()               # returns at once (EINTR): pending I/O done
+            self.io.stop()
+            self.paused = True
+            self.times["paused"] = time.monotonic()
+            return True
+
+    def resume(self) -> None:
+        """Start the vCPUs and the I/O thread again after pause()."""
+        with self._pause_lock:
+            if not self.paused:
+                return
+            self.paused = False
+            self._pausing = False
+            if self.stopping:
+                return
+            self.io.start()
+            for loop in self.loops:
+                loop.vcpu.immediate_exit = 0
+                loop.start()
+
+    def snapshot(self, directory) -> object:
+        """Save the VM to ``directory`` (vmm.snapshot.persist): paused for the time it
+        takes, then running again as before. Returns the SnapshotInfo.
+
+        Raises:
+            vmm.snapshot.SnapshotError: the directory exists, the VM ended, or a device
+                cannot be saved (nothing is left half written).
+        """
+        from vmm.snapshot import SnapshotError, persist
+        was_paused = self.paused
+        if not self.pause():
+            raise SnapshotError("cannot snapshot: the VM is not running")
+        try:
+            return persist.save(self, directory)
+        finally:
+            if not was_paused:
+                self.resume()
 
     def _console_thread(self) -> None:
         """Moves guest serial output from the shim's buffer to the console, in order.
