@@ -304,12 +304,12 @@ class _Progress:
             self._status = Console(stderr=True).status(self)
             self._status.__enter__()
         else:
-            parts = [f"pyvmm: {self.title[0].lower()}{self.title[1:]}"]
+            line = f"pyvmm: {self.title[0].lower()}{self.title[1:]}"
             if self.estimate:
-                parts.append(f"({self.estimate})")
+                line += f", {self.estimate}"
             if self.log is not None:
-                parts.append(f"; log: {self.log}")
-            print(" ".join(parts).replace(" ;", ";"), file=sys.stderr, flush=True)
+                line += f"; log: {self.log}"
+            print(line, file=sys.stderr, flush=True)
         return self
 
     def __exit__(self, exc_type, *exc: object) -> None:
