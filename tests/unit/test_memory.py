@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import requires_kvm
+
 from vmm.arch.x86_64 import layout
 from vmm.memory import GuestMemory, GuestMemoryError, parse_size, ram_regions
 
@@ -215,3 +217,49 @@ def test_from_file_refuses_a_wrong_size(saved, tmp_path):
         GuestMemory.from_file(str(tmp_path / "absent"), 32 << 20)
     with pytest.raises(GuestMemoryError, match="out of range"):
         GuestMemory.from_file(str(path), 0)
+
+
+@requires_kvm
+def test_a_file_mapping_works_as_a_kvm_memory_slot(tmp_path):
+    """A guest reads a value the RAM file holds and writes value+1: the write lands in
+    this VM's private copy and not in the file."""
+    import ctypes
+    import hashlib
+    import struct
+
+    from vmm import kvm as kvmlib
+    from vmm.arch.x86_64 import cpu
+    from vmm.kvm import exits
+
+    entry, src, dst = 0x40000, 0x80000, 0x80008
+    code = (b"\x8b\x04\x25" + struct.pack("<I", src)        # mov eax, [src]
+            + b"\xff\xc0"                                    # inc eax
+            + b"\x89\x04\x25" + struct.pack("<I", dst)       # mov [dst], eax
+            + b"\xe6" + bytes([layout.DEBUG_EXIT_PORT])      # out DEBUG_EXIT_PORT, al
+            + b"\xf4")                                       # hlt
+    path = tmp_path / "memory"
+    with GuestMemory(2 << 20) as mem:
+        cpu.write_boot_tables(mem)
+        mem.write(entry, code)
+        mem.write_int(src, 4, 0x1233)
+        mem.save_to(str(path))
+    before = hashlib.sha256(path.read_bytes()).digest()
+
+    with kvmlib.Kvm() as kvm, GuestMemory.from_file(str(path), 2 << 20) as mem:
+        vm = kvm.create_vm()
+        vcpu = None
+        anchor = ctypes.c_char.from_buffer(mem.host_buffer)
+        try:
+            vm.set_tss_addr(layout.KVM_TSS_ADDR)
+            vm.set_user_memory_region(0, mem.size, ctypes.addressof(anchor))
+            vcpu = vm.create_vcpu(0)
+            cpu.setup_long_mode(vcpu, entry)
+            exit = exits.decode(vcpu.run_page, vcpu.run())
+        finally:
+            if vcpu is not None:
+                vcpu.close()
+            vm.close()
+            del anchor                          # the buffer export, before mem.close()
+        assert isinstance(exit, exits.IoOut) and exit.port == layout.DEBUG_EXIT_PORT
+        assert mem.read_int(dst, 4) == 0x1234
+    assert hashlib.sha256(path.read_bytes()).digest() == before
