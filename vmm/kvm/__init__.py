@@ -89,6 +89,7 @@ class Kvm:
                 raise KvmError(f"this host's KVM lacks a required capability: {what}")
         self.missing_optional = [w for c, w in OPTIONAL_CAPS.items() if not self.check_extension(c)]
         self.vcpu_mmap_size = fcntl.ioctl(self.fd, K.KVM_GET_VCPU_MMAP_SIZE)
+        self._msr_indices: list[int] | None = None
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -125,6 +126,25 @@ class Kvm:
                     continue
                 raise KvmError(f"KVM_GET_SUPPORTED_CPUID failed: {e.strerror}") from None
             return [S.kvm_cpuid_entry2.from_buffer_copy(buf.entries[i]) for i in range(buf.header.nent)]
+
+    def msr_index_list(self) -> list[int]:
+        """The MSRs KVM saves and restores (KVM_GET_MSR_INDEX_LIST), asked once per Kvm.
+
+        The first call, with room for none, fails with E2BIG and reports the count; the
+        second fetches that many. Returns a new list each time (the cache is kept apart).
+        """
+        if self._msr_indices is None:
+            probe = S.kvm_msr_list(0)
+            try:
+                fcntl.ioctl(self.fd, K.KVM_GET_MSR_INDEX_LIST, probe, True)
+            except OSError as e:
+                if e.errno != errno.E2BIG:
+                    raise KvmError(f"KVM_GET_MSR_INDEX_LIST failed: {e.strerror}") from None
+            buf = S.array_buffer(S.kvm_msr_list, C.c_uint32, probe.nmsrs)
+            buf.header.nmsrs = probe.nmsrs
+            _ioctl(self.fd, K.KVM_GET_MSR_INDEX_LIST, buf, "KVM_GET_MSR_INDEX_LIST")
+            self._msr_indices = [buf.entries[i] for i in range(buf.header.nmsrs)]
+        return list(self._msr_indices)
 
     def create_vm(self) -> "Vm":
         fd = _ioctl(self.fd, K.KVM_CREATE_VM, 0, "VM creation")
@@ -180,6 +200,37 @@ class Vm:
             flags |= K.KVM_IOEVENTFD_FLAG_DATAMATCH
         ev = S.kvm_ioeventfd(datamatch=datamatch or 0, addr=addr, len=length, fd=fd, flags=flags)
         _ioctl(self.fd, K.KVM_IOEVENTFD, ev, "KVM_IOEVENTFD")
+
+    # -- state (snapshots) ----------------------------------------------------------
+    def get_pit2(self) -> S.kvm_pit_state2:
+        s = S.kvm_pit_state2()
+        _ioctl(self.fd, K.KVM_GET_PIT2, s, "KVM_GET_PIT2")
+        return s
+
+    def set_pit2(self, state: S.kvm_pit_state2) -> None:
+        _ioctl(self.fd, K.KVM_SET_PIT2, state, "KVM_SET_PIT2")
+
+    def get_clock(self) -> S.kvm_clock_data:
+        s = S.kvm_clock_data()
+        _ioctl(self.fd, K.KVM_GET_CLOCK, s, "KVM_GET_CLOCK")
+        return s
+
+    def set_clock(self, clock: S.kvm_clock_data) -> None:
+        """KVM_SET_CLOCK. The kernel accepts only KVM_CLOCK_REALTIME in ``flags`` as an
+        input (older kernels none at all); the flags KVM_GET_CLOCK reports about the
+        clock (TSC_STABLE, HOST_TSC) must be cleared by the caller."""
+        _ioctl(self.fd, K.KVM_SET_CLOCK, clock, "KVM_SET_CLOCK")
+
+    def get_irqchip(self, chip_id: int) -> S.kvm_irqchip:
+        """One in-kernel interrupt controller's state: K.KVM_IRQCHIP_PIC_MASTER (0),
+        K.KVM_IRQCHIP_PIC_SLAVE (1) or K.KVM_IRQCHIP_IOAPIC (2)."""
+        s = S.kvm_irqchip(chip_id=chip_id)
+        _ioctl(self.fd, K.KVM_GET_IRQCHIP, s, f"KVM_GET_IRQCHIP (chip {chip_id})")
+        return s
+
+    def set_irqchip(self, chip: S.kvm_irqchip) -> None:
+        """Restore the controller named by ``chip.chip_id``."""
+        _ioctl(self.fd, K.KVM_SET_IRQCHIP, chip, f"KVM_SET_IRQCHIP (chip {chip.chip_id})")
 
     def create_vcpu(self, index: int) -> "Vcpu":
         fd = _ioctl(self.fd, K.KVM_CREATE_VCPU, index, f"vCPU {index} creation")
@@ -263,15 +314,83 @@ class Vcpu:
     def set_vcpu_events(self, ev: S.kvm_vcpu_events) -> None:
         _ioctl(self.fd, K.KVM_SET_VCPU_EVENTS, ev, "KVM_SET_VCPU_EVENTS")
 
-    def set_msrs(self, msrs: dict[int, int]) -> None:
-        buf = S.array_buffer(S.kvm_msrs, S.kvm_msr_entry, len(msrs))
-        buf.header.nmsrs = len(msrs)
-        for i, (index, value) in enumerate(msrs.items()):
+    def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE: K.KVM_MP_STATE_RUNNABLE, _HALTED, _INIT_RECEIVED, ..."""
+        return self._get(K.KVM_GET_MP_STATE, S.kvm_mp_state, "KVM_GET_MP_STATE").mp_state
+
+    def set_mp_state(self, mp_state: int) -> None:
+        _ioctl(self.fd, K.KVM_SET_MP_STATE, S.kvm_mp_state(mp_state), "KVM_SET_MP_STATE")
+
+    def get_xsave(self) -> S.kvm_xsave:
+        """The 4 KiB XSAVE area (KVM_CAP_XSAVE; see S.kvm_xsave for when it is enough)."""
+        return self._get(K.KVM_GET_XSAVE, S.kvm_xsave, "KVM_GET_XSAVE")
+
+    def set_xsave(self, xsave: S.kvm_xsave) -> None:
+        _ioctl(self.fd, K.KVM_SET_XSAVE, xsave, "KVM_SET_XSAVE")
+
+    def get_xcrs(self) -> S.kvm_xcrs:
+        """The extended control registers (XCR0) (KVM_CAP_XCRS)."""
+        return self._get(K.KVM_GET_XCRS, S.kvm_xcrs, "KVM_GET_XCRS")
+
+    def set_xcrs(self, xcrs: S.kvm_xcrs) -> None:
+        _ioctl(self.fd, K.KVM_SET_XCRS, xcrs, "KVM_SET_XCRS")
+
+    def get_debugregs(self) -> S.kvm_debugregs:
+        return self._get(K.KVM_GET_DEBUGREGS, S.kvm_debugregs, "KVM_GET_DEBUGREGS")
+
+    def set_debugregs(self, debugregs: S.kvm_debugregs) -> None:
+        _ioctl(self.fd, K.KVM_SET_DEBUGREGS, debugregs, "KVM_SET_DEBUGREGS")
+
+    @staticmethod
+    def _msr_buffer(items) -> "C.Structure":
+        items = list(items)
+        buf = S.array_buffer(S.kvm_msrs, S.kvm_msr_entry, len(items))
+        buf.header.nmsrs = len(items)
+        for i, (index, value) in enumerate(items):
             buf.entries[i].index, buf.entries[i].data = index, value
-        n = _ioctl(self.fd, K.KVM_SET_MSRS, buf, "KVM_SET_MSRS")
+        return buf
+
+    def get_msrs(self, indices) -> dict[int, int]:
+        """KVM_GET_MSRS for ``indices``: {index: value}, in the order asked.
+
+        Raises:
+            KvmError: KVM read fewer than asked (it stops at the first MSR it cannot
+                read); the message names that MSR.
+        """
+        indices = list(indices)
+        buf = self._msr_buffer((i, 0) for i in indices)
+        n = _ioctl(self.fd, K.KVM_GET_MSRS, buf, "KVM_GET_MSRS")
+        if n != len(indices):
+            raise KvmError(f"KVM cannot read MSR {indices[n]:#x} on vCPU {self.index} "
+                           f"(read {n} of {len(indices)})")
+        return {buf.entries[i].index: buf.entries[i].data for i in range(n)}
+
+    def set_msrs(self, msrs: dict[int, int]) -> None:
+        """KVM_SET_MSRS, in ``msrs``' order.
+
+        Raises:
+            KvmError: KVM wrote fewer than asked (it stops at the first MSR it refuses);
+                the message names that MSR.
+        """
+        n = _ioctl(self.fd, K.KVM_SET_MSRS, self._msr_buffer(msrs.items()), "KVM_SET_MSRS")
         if n != len(msrs):
             bad = list(msrs)[n]
-            raise KvmError(f"KVM refused MSR {bad:#x}")
+            raise KvmError(f"KVM refused MSR {bad:#x} on vCPU {self.index} "
+                           f"(wrote {n} of {len(msrs)})")
+
+    def complete_pending_io(self) -> None:
+        """One KVM_RUN with immediate_exit set: KVM finishes the instruction of the last
+        port-I/O or MMIO exit (an IN's value into RAX, RIP past the OUT) and returns at
+        once without running the guest (EINTR). Call it on a stopped vCPU before reading
+        its state, so that a snapshot never holds a half-done I/O instruction."""
+        self.immediate_exit = 1
+        try:
+            reason = self.run()
+        finally:
+            self.immediate_exit = 0
+        if reason != K.KVM_EXIT_INTR:
+            raise KvmError(f"vCPU {self.index} ran while completing its pending I/O "
+                           f"(exit reason {reason})")
 
     def set_cpuid(self, entries: list[S.kvm_cpuid_entry2]) -> None:
         buf = S.array_buffer(S.kvm_cpuid2, S.kvm_cpuid_entry2, len(entries))

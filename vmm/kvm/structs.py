@@ -122,6 +122,77 @@ class kvm_lapic_state(Struct):
     _fields_ = [("regs", u8 * 1024)]
 
 
+class kvm_mp_state(Struct):
+    _fields_ = [("mp_state", u32)]
+
+
+class kvm_xsave(Struct):
+    """The legacy 4 KiB XSAVE area (KVM_GET/SET_XSAVE); enough while KVM_CAP_XSAVE2
+    reports 4096 (no dynamically enabled feature such as AMX)."""
+    _fields_ = [("region", u32 * 1024)]
+
+
+class kvm_xcr(Struct):
+    _fields_ = [("xcr", u32), ("reserved", u32), ("value", u64)]
+
+
+#: KVM_MAX_XCRS in <asm/kvm.h>.
+KVM_MAX_XCRS = 16
+
+
+class kvm_xcrs(Struct):
+    _fields_ = [("nr_xcrs", u32), ("flags", u32), ("xcrs", kvm_xcr * KVM_MAX_XCRS),
+                ("padding", u64 * 16)]
+
+
+class kvm_debugregs(Struct):
+    _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64),
+                ("reserved", u64 * 9)]
+
+
+class kvm_pit_channel_state(Struct):
+    _fields_ = [("count", u32), ("latched_count", u16), ("count_latched", u8),
+                ("status_latched", u8), ("status", u8), ("read_state", u8),
+                ("write_state", u8), ("write_latch", u8), ("rw_mode", u8), ("mode", u8),
+                ("bcd", u8), ("gate", u8), ("count_load_time", C.c_int64)]
+
+
+class kvm_pit_state2(Struct):
+    _fields_ = [("channels", kvm_pit_channel_state * 3), ("flags", u32), ("reserved", u32 * 9)]
+
+
+class kvm_clock_data(Struct):
+    _fields_ = [("clock", u64), ("flags", u32), ("pad0", u32), ("realtime", u64),
+                ("host_tsc", u64), ("pad", u32 * 4)]
+
+
+class kvm_pic_state(Struct):
+    _fields_ = [(n, u8) for n in (
+        "last_irr", "irr", "imr", "isr", "priority_add", "irq_base", "read_reg_select",
+        "poll", "special_mask", "init_state", "auto_eoi", "rotate_on_auto_eoi",
+        "special_fully_nested_mode", "init4", "elcr", "elcr_mask")]
+
+
+#: KVM_IOAPIC_NUM_PINS in <asm/kvm.h>.
+KVM_IOAPIC_NUM_PINS = 24
+
+
+class kvm_ioapic_state(Struct):
+    """The redirection entries are kept as the raw 64-bit ``bits`` of their union."""
+    _fields_ = [("base_address", u64), ("ioregsel", u32), ("id", u32), ("irr", u32),
+                ("pad", u32), ("redirtbl", u64 * KVM_IOAPIC_NUM_PINS)]
+
+
+class _irqchip_union(C.Union):
+    _fields_ = [("dummy", C.c_char * 512), ("pic", kvm_pic_state), ("ioapic", kvm_ioapic_state)]
+
+
+class kvm_irqchip(Struct):
+    """One in-kernel interrupt controller: chip_id KVM_IRQCHIP_PIC_MASTER (0),
+    KVM_IRQCHIP_PIC_SLAVE (1) or KVM_IRQCHIP_IOAPIC (2)."""
+    _fields_ = [("chip_id", u32), ("pad", u32), ("chip", _irqchip_union)]
+
+
 class kvm_run_header(Struct):
     """The fixed part of the shared kvm_run page (the exit union starts at 32)."""
     _fields_ = [("request_interrupt_window", u8), ("immediate_exit", u8),
