@@ -20,6 +20,13 @@ Writes to the time registers are accepted and ignored: the guest cannot move the
 host's clock. Every other index (alarms, 0x0E..0x7F including the century byte's
 neighbours) is plain RAM that reads back what was written, zero at power-on.
 
+Snapshot state (:meth:`Cmos.save` / :meth:`Cmos.restore`, see vmm/devices/state.py):
+``index`` (the selected register, 0..127) and ``ram`` (the 128 bytes). The NMI mask
+bit of the index port is not kept (see above), so it is not in the state. Nor is the
+clock: it is the host's, read at each access, so a restored guest reads the host's
+time now -- the RTC jumps over the time the VM was paused, as a PC's does across a
+suspend to disk. (The clock registers' RAM bytes are kept but never read.)
+
 Only vCPU threads touch this device, and the guest serializes index/data pairs
 itself (Linux holds ``rtc_lock``), so there is no lock here.
 """
@@ -28,6 +35,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+
+from vmm.devices.state import DeviceStateError, blob, fields, uint
 
 __all__ = ["Cmos"]
 
@@ -84,6 +93,9 @@ DEFAULT_REG_C = 0x00
 DEFAULT_REG_D = REG_D_VRT_BIT
 
 
+_STATE_KEYS = ("index", "ram")
+
+
 def _bcd(value: int) -> int:
     return ((value // 10) << 4) | (value % 10)
 
@@ -133,6 +145,28 @@ class Cmos:
             if index == RTC_REG_A:
                 value &= ~REG_A_UIP_BIT  # UIP is read-only.
             self._ram[index] = value
+
+    # --- Snapshot state (see the module docstring) ----------------------------------
+
+    def save(self) -> dict:
+        """The index register and the RAM as plain data (not the clock: the host's)."""
+        return {"v": 1, "index": self._index, "ram": bytes(self._ram)}
+
+    def restore(self, state: dict) -> None:
+        """Put this CMOS into ``state`` (from :meth:`save`).
+
+        Raises:
+            DeviceStateError: a bad value; nothing is changed.
+        """
+        what = "cmos"
+        fields(state, what, _STATE_KEYS)
+        index = uint(state, "index", what, INDEX_MASK)
+        ram = blob(state, "ram", what, CMOS_SIZE, exact=True)
+        if ram[RTC_REG_A] & REG_A_UIP_BIT:
+            raise DeviceStateError(f"{what} state: register A has UIP set (read-only, "
+                                   "never set here)")
+        self._index = index
+        self._ram = bytearray(ram)
 
     # --- Clock --------------------------------------------------------------------
 

@@ -6,11 +6,16 @@ writing a status byte there: ``outb(status, 0xf4)``. The device calls
 process exit status is ``(value << 1) | 1``, so that a test guest can report 0
 for success. Reads answer 0xff, like an empty ISA port. Wider writes use their
 low byte.
+
+The port keeps no state: :meth:`DebugExit.save` gives ``{"v": 1}`` and
+:meth:`DebugExit.restore` only checks that (vmm/devices/state.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+
+from vmm.devices.state import fields
 
 __all__ = ["DebugExit"]
 
@@ -34,3 +39,11 @@ class DebugExit:
         """Reports ``value & 0xff`` as the guest's exit status."""
         if offset == 0:
             self._on_exit(value & 0xFF)
+
+    def save(self) -> dict:
+        """Nothing but the version: the port keeps no state."""
+        return {"v": 1}
+
+    def restore(self, state: dict) -> None:
+        """Check ``state`` (from :meth:`save`); raises DeviceStateError if it is not one."""
+        fields(state, "debug-exit", ())

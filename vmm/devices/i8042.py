@@ -30,6 +30,12 @@ Linux's ``drivers/input/serio/i8042.c`` sends at probe time:
   Linux's atkbd waits for them by interrupt; controller-command answers are
   polled by Linux and raise nothing.
 
+Snapshot state (:meth:`I8042.save` / :meth:`I8042.restore`, see vmm/devices/state.py):
+``ctr`` (the command byte), ``outp`` (the output port), ``status`` (the status
+register's stored bits: SYS and CMD; OBF is computed from the queue), ``pending_cmd``
+(a command waiting for its parameter byte, or None) and ``out`` (the output queue's
+bytes, at most ``OUTPUT_QUEUE_SIZE``).
+
 Only vCPU threads touch this device; the guest serializes its own 0x60/0x64
 sequences (Linux holds ``i8042_lock``), so there is no lock here.
 """
@@ -38,6 +44,8 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
+
+from vmm.devices.state import U8_MAX, DeviceStateError, blob, fields, uint
 
 __all__ = ["I8042"]
 
@@ -104,6 +112,9 @@ OUTPUT_QUEUE_SIZE = 16
 
 # Commands that take one parameter byte through port 0x60.
 _PARAM_COMMANDS = frozenset({CMD_WRITE_CTR, CMD_WRITE_OUTP, CMD_KBD_LOOP, CMD_AUX_LOOP, CMD_AUX_SEND})
+#: Status bits the device stores (the rest are constant or computed, see read()).
+_STATUS_STORED = STATUS_SYS_BIT | STATUS_CMD_BIT
+_STATE_KEYS = ("ctr", "outp", "status", "pending_cmd", "out")
 
 
 class I8042:
@@ -220,3 +231,32 @@ class I8042:
         self._out.extend(answer)
         if self._interrupt is not None and self.ctr & CTR_KBDINT_BIT:
             self._interrupt()
+
+    # --- Snapshot state (see the module docstring) ----------------------------------
+
+    def save(self) -> dict:
+        """The controller's state as plain data."""
+        return {"v": 1, "ctr": self.ctr, "outp": self.outp, "status": self._status,
+                "pending_cmd": self._pending_cmd, "out": bytes(self._out)}
+
+    def restore(self, state: dict) -> None:
+        """Put this controller into ``state`` (from :meth:`save`).
+
+        Raises:
+            DeviceStateError: a bad value; nothing is changed.
+        """
+        what = "i8042"
+        fields(state, what, _STATE_KEYS)
+        ctr = uint(state, "ctr", what, U8_MAX)
+        outp = uint(state, "outp", what, U8_MAX)
+        status = uint(state, "status", what, U8_MAX)
+        if status & ~(DEFAULT_STATUS | _STATUS_STORED):
+            raise DeviceStateError(f"{what} state: status {status:#x} has bits the "
+                                   "device computes or never sets")
+        pending = state["pending_cmd"]
+        if pending is not None and (type(pending) is not int or pending not in _PARAM_COMMANDS):
+            raise DeviceStateError(f"{what} state: pending_cmd {pending!r} is not a "
+                                   "command that takes a parameter")
+        out = blob(state, "out", what, OUTPUT_QUEUE_SIZE)
+        self.ctr, self.outp, self._status, self._pending_cmd = ctr, outp, status, pending
+        self._out = collections.deque(out, maxlen=OUTPUT_QUEUE_SIZE)

@@ -47,6 +47,22 @@ the device (an internal re-entrant lock), so a callback that queries and then
 publishes cannot publish a stale state after a fresher one. The callback may be
 invoked from any thread that touched the device (a vCPU thread or the input thread).
 
+Snapshot state
+--------------
+:meth:`Serial8250.save` hands out what the UART keeps as plain data:
+
+* ``divisor`` (DLM:DLL, 0..0xffff), ``ier`` (bits 0..3), ``lcr``, ``mcr`` (bits
+  0..4), ``scr``;
+* ``fifo_enabled`` (FCR bit 0), ``overrun`` (LSR OE not yet read), ``thri_pending``
+  (a THR-empty interrupt not yet cleared by an IIR read; only with IER THRI set);
+* ``rx``: the receive FIFO's bytes, oldest first (at most ``fifo_size``).
+
+IIR, LSR and MSR are not in it: they are computed from those (habit 10).
+:meth:`Serial8250.restore` puts a freshly built UART back into such a state (checking
+it all first) and then calls ``on_state_change`` so the fast path's view is resynced.
+It raises no interrupt: an edge the guest had not taken yet is in the interrupt
+controller's state, which the VM restores.
+
 Threading
 ---------
 A vCPU thread calls :meth:`read`/:meth:`write` while an input thread calls
@@ -63,6 +79,8 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Callable
+
+from vmm.devices.state import U8_MAX, U16_MAX, DeviceStateError, blob, fields, flag, uint
 
 __all__ = ["Serial8250"]
 
@@ -159,6 +177,10 @@ DEFAULT_FIFO_SIZE = 64
 _SRC_RLS = 0x4
 _SRC_RDA = 0x2
 _SRC_THRI = 0x1
+
+#: The keys of Serial8250.save()'s state (besides "v").
+_STATE_KEYS = ("divisor", "ier", "lcr", "mcr", "scr", "fifo_enabled", "overrun",
+               "thri_pending", "rx")
 
 
 class Serial8250:
@@ -411,3 +433,46 @@ class Serial8250:
         """Whether IIR currently reports an interrupt (for tests and debugging)."""
         with self._lock:
             return self._pending() != 0
+
+    # --- Snapshot state (see the module docstring) ------------------------------
+
+    def save(self) -> dict:
+        """The UART's state as plain data (``"v"`` plus the keys in the module
+        docstring)."""
+        with self._lock:
+            return {"v": 1, "divisor": self._divisor, "ier": self._ier, "lcr": self._lcr,
+                    "mcr": self._mcr, "scr": self._scr, "fifo_enabled": self._fifo_enabled,
+                    "overrun": self._overrun, "thri_pending": self._thri_pending,
+                    "rx": bytes(self._rx)}
+
+    def restore(self, state: dict) -> None:
+        """Put this UART into ``state`` (from :meth:`save`), then call
+        ``on_state_change``.
+
+        Raises:
+            DeviceStateError: a value of the wrong type or range, more FIFO bytes than
+                ``fifo_size``, a pending THRI without IER THRI; nothing is changed.
+        """
+        what = "serial"
+        fields(state, what, _STATE_KEYS)
+        divisor = uint(state, "divisor", what, U16_MAX)
+        ier = uint(state, "ier", what, IER_MASK)
+        lcr = uint(state, "lcr", what, U8_MAX)
+        mcr = uint(state, "mcr", what, MCR_MASK)
+        scr = uint(state, "scr", what, U8_MAX)
+        fifo_enabled = flag(state, "fifo_enabled", what)
+        overrun = flag(state, "overrun", what)
+        thri_pending = flag(state, "thri_pending", what)
+        rx = blob(state, "rx", what, self.fifo_size)
+        if thri_pending and not ier & IER_THRI_BIT:
+            # write() clears a pending THRI whenever IER THRI is cleared.
+            raise DeviceStateError(f"{what} state: a THR-empty interrupt is pending "
+                                   "with IER THRI clear")
+        with self._lock:
+            self._divisor, self._ier, self._lcr, self._mcr, self._scr = (
+                divisor, ier, lcr, mcr, scr)
+            self._fifo_enabled = fifo_enabled
+            self._overrun = overrun
+            self._thri_pending = thri_pending
+            self._rx = collections.deque(rx)
+        self._after(False, True)

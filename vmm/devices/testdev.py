@@ -17,9 +17,15 @@ each byte from its own region. ``writes`` records ``(offset, size, value)`` for
 the host-side tests; it keeps the first ``WRITE_LOG_LIMIT`` writes only, so a
 guest that writes in a loop cannot grow the VMM's memory (the counter at 0x04
 keeps counting, modulo 2**32).
+
+Snapshot state (:meth:`TestDevice.save` / :meth:`TestDevice.restore`, see
+vmm/devices/state.py): ``scratch`` (64 bytes), ``write_count`` and ``writes`` (the log,
+as ``[offset, size, value]`` lists).
 """
 
 from __future__ import annotations
+
+from vmm.devices.state import U64_MAX, DeviceStateError, blob, fields, uint
 
 __all__ = ["TestDevice"]
 
@@ -31,6 +37,8 @@ SCRATCH_OFFSET = 0x10
 SCRATCH_SIZE = 64
 #: Most entries kept in ``TestDevice.writes``.
 WRITE_LOG_LIMIT = 4096
+#: Access sizes an MMIO exit can have (KVM: 1..8 bytes).
+_ACCESS_SIZES = range(1, 9)
 
 
 class TestDevice:
@@ -71,3 +79,37 @@ class TestDevice:
             o = offset + i
             if SCRATCH_OFFSET <= o < SCRATCH_OFFSET + SCRATCH_SIZE:
                 self.scratch[o - SCRATCH_OFFSET] = b
+
+    # --- Snapshot state (see the module docstring) ----------------------------------
+
+    def save(self) -> dict:
+        """The scratch area, the write counter and the write log as plain data."""
+        return {"v": 1, "scratch": bytes(self.scratch), "write_count": self.write_count,
+                "writes": [list(w) for w in self.writes]}
+
+    def restore(self, state: dict) -> None:
+        """Put this device into ``state`` (from :meth:`save`).
+
+        Raises:
+            DeviceStateError: a bad value; nothing is changed.
+        """
+        what = "test-device"
+        fields(state, what, ("scratch", "write_count", "writes"))
+        scratch = blob(state, "scratch", what, SCRATCH_SIZE, exact=True)
+        count = uint(state, "write_count", what, U64_MAX)
+        log = state["writes"]
+        if not isinstance(log, list) or len(log) > min(count, WRITE_LOG_LIMIT):
+            raise DeviceStateError(f"{what} state: writes is not a list of at most "
+                                   f"write_count and {WRITE_LOG_LIMIT} entries")
+        writes = []
+        for entry in log:
+            if (not isinstance(entry, list) or len(entry) != 3
+                    or not all(type(x) is int for x in entry)
+                    or not 0 <= entry[0] <= U64_MAX or entry[1] not in _ACCESS_SIZES
+                    or not 0 <= entry[2] <= U64_MAX):
+                raise DeviceStateError(f"{what} state: a writes entry is not "
+                                       "[offset, size, value]")
+            writes.append(tuple(entry))
+        self.scratch = bytearray(scratch)
+        self.write_count = count
+        self.writes = writes
