@@ -23,6 +23,31 @@ vCPU thread). Two locks, always taken in this order:
 Queue configuration (size, addresses, ready) can only change before DRIVER_OK or by
 reset, both of which exclude request processing; so the I/O thread may read it while
 holding only ``_io_lock``. ``interrupt()`` is always called with no lock held.
+
+Snapshot state
+--------------
+:meth:`VirtioMmioTransport.save` hands out the transport's register state as plain data
+(vmm/devices/state.py): ``status``, ``device_features_sel``, ``driver_features_sel``,
+``driver_features``, ``queue_sel``, ``interrupt_status``, ``config_generation``,
+``queues`` (one Queue state each, vmm/devices/virtio/queue.py) and ``device``: the
+device model's own ``save()``, or None for a model without one. It takes ``_io_lock``,
+so no request is half-served in it.
+
+:meth:`VirtioMmioTransport.restore`, on a transport freshly built over a freshly built
+device (same arguments), checks all of it first -- the status bits in §3.1.1 order,
+acked features the device offers once FEATURES_OK is set (§2.2.1), each ready queue's
+size and rings as QueueReady would (§2.7, §4.2.3.2) -- then restores the device model
+(which checks its own part), then the registers and queues. With DRIVER_OK set the
+ready queues come back activated with their saved ring indexes (activation would zero
+them) and the device is activated on them, as DRIVER_OK did. Nothing is raised to the
+guest: a pending interrupt is in the interrupt controller's state, which the VM
+restores, and ``interrupt_status`` is the saved one.
+
+A request the driver made available before the pause but the device had not served
+yet (its QueueNotify was lost with the old process, or not yet handled) is served by
+:meth:`VirtioMmioTransport.kick_all`, which the machine calls once after restoring,
+before or as the vCPUs resume: it serves every ready queue as a notification would.
+An extra kick is harmless (an empty queue is left alone).
 """
 
 from __future__ import annotations
@@ -31,6 +56,8 @@ import threading
 from typing import Callable, Protocol, Sequence
 
 from vmm.arch.x86_64 import layout
+from vmm.devices.state import (U8_MAX, U32_MAX, U64_MAX, DeviceStateError, fields,
+                               uint)
 from vmm.log import get_logger, log_once
 from vmm.memory import GuestMemory, GuestMemoryError
 
@@ -99,6 +126,16 @@ VIRTIO_F_VERSION_1 = 32
 
 #: Ring features the Queue implements; offered on top of the device's own features.
 TRANSPORT_FEATURES = (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX)
+
+#: Status bits a transport can hold (§2.1).
+_STATUS_BITS = (STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK | STATUS_FEATURES_OK
+                | STATUS_DEVICE_NEEDS_RESET | STATUS_FAILED)
+#: (bit, the bit it needs first): the §3.1.1 initialisation order _write_status enforces.
+_STATUS_STEPS = ((STATUS_DRIVER, STATUS_ACKNOWLEDGE), (STATUS_FEATURES_OK, STATUS_DRIVER),
+                 (STATUS_DRIVER_OK, STATUS_FEATURES_OK))
+#: The keys of VirtioMmioTransport.save()'s state (besides "v").
+_STATE_KEYS = ("status", "device_features_sel", "driver_features_sel", "driver_features",
+               "queue_sel", "interrupt_status", "config_generation", "queues", "device")
 
 
 class VirtioDevice(Protocol):
@@ -392,14 +429,20 @@ class VirtioMmioTransport:
                     self._activate()
                 self._status |= bit
 
-    def _features_acceptable(self) -> bool:
-        acked, offered = self._driver_features, self.offered_features
+    def _features_problem(self, acked: int) -> tuple[str, str] | None:
+        """(a log key, why) when the driver may not accept ``acked``; None when it may."""
+        offered = self.offered_features
         if acked & ~offered:  # §2.2.1: the driver MUST NOT accept unoffered features
-            self._log_once(("features-unoffered",), "driver accepted unoffered features "
-                           "%#x", acked & ~offered)
-            return False
+            return "features-unoffered", f"driver accepted unoffered features " \
+                                         f"{acked & ~offered:#x}"
         if not acked >> VIRTIO_F_VERSION_1 & 1:  # §6.1: no legacy interface here
-            self._log_once(("features-legacy",), "driver did not accept VIRTIO_F_VERSION_1")
+            return "features-legacy", "driver did not accept VIRTIO_F_VERSION_1"
+        return None
+
+    def _features_acceptable(self) -> bool:
+        problem = self._features_problem(self._driver_features)
+        if problem:
+            self._log_once((problem[0],), "%s", problem[1])
             return False
         return True
 
@@ -473,3 +516,102 @@ class VirtioMmioTransport:
                 self._interrupt_status |= INT_CONFIG_CHANGE
         if fire:
             self._interrupt()
+
+    # -- snapshot state (see the module docstring) ---------------------------------------
+    def save(self) -> dict:
+        """The transport's state, its queues' and its device model's, as plain data.
+
+        Waits for a request being served on the I/O thread to finish.
+        """
+        save_device = getattr(self.device, "save", None)
+        with self._io_lock, self._lock:
+            return {"v": 1, "status": self._status,
+                    "device_features_sel": self._device_features_sel,
+                    "driver_features_sel": self._driver_features_sel,
+                    "driver_features": self._driver_features,
+                    "queue_sel": self._queue_sel,
+                    "interrupt_status": self._interrupt_status,
+                    "config_generation": self._config_generation,
+                    "queues": [q.save() for q in self.queues],
+                    "device": save_device() if save_device is not None else None}
+
+    def restore(self, state: dict) -> None:
+        """Put this transport and its device model into ``state`` (from :meth:`save`);
+        see the module docstring. Then call :meth:`kick_all` once the VM can run.
+
+        Raises:
+            DeviceStateError: a bad value (type, range, an order of status bits the
+                driver cannot reach, unoffered features, a ready queue that QueueReady
+                would refuse, absurd ring indexes), or the device model's own refusal;
+                nothing is changed.
+        """
+        what = f"virtio-mmio({type(self.device).__name__})"
+        fields(state, what, _STATE_KEYS)
+        status = uint(state, "status", what, U8_MAX)
+        if status & ~_STATUS_BITS:
+            raise DeviceStateError(f"{what} state: status {status:#x} has unknown bits")
+        for bit, needs in _STATUS_STEPS:
+            if status & bit and not status & needs:  # §3.1.1 order
+                raise DeviceStateError(f"{what} state: status {status:#x} has bit "
+                                       f"{bit:#x} without {needs:#x}")
+        regs = {k: uint(state, k, what, U32_MAX) for k in (
+            "device_features_sel", "driver_features_sel", "queue_sel", "config_generation")}
+        acked = uint(state, "driver_features", what, U64_MAX)
+        interrupt_status = uint(state, "interrupt_status", what,
+                                INT_USED_BUFFER | INT_CONFIG_CHANGE)
+        if status & STATUS_FEATURES_OK:
+            problem = self._features_problem(acked)
+            if problem:  # §2.2.1: FEATURES_OK is set only over acceptable features
+                raise DeviceStateError(f"{what} state: {problem[1]}")
+        queues = state["queues"]
+        if not isinstance(queues, list) or len(queues) != len(self.queues):
+            raise DeviceStateError(f"{what} state: queues is not a list of "
+                                   f"{len(self.queues)} queue states")
+        driver_ok = bool(status & STATUS_DRIVER_OK)
+        plan = []
+        for i, (q, qs) in enumerate(zip(self.queues, queues)):
+            activated = driver_ok and isinstance(qs, dict) and qs.get("ready") is True
+            q.check_state(qs, self.mem, activated=activated, what=f"{what} queue {i}")
+            plan.append((q, qs, activated))
+        restore_device = getattr(self.device, "restore", None)
+        dev_state = state["device"]
+        if (dev_state is None) != (restore_device is None):
+            raise DeviceStateError(f"{what} state: device state is "
+                                   f"{'missing' if dev_state is None else 'unexpected'}")
+        if restore_device is not None:
+            restore_device(dev_state)  # checks its state first, raises untouched
+        event_idx = bool(acked >> VIRTIO_RING_F_EVENT_IDX & 1)
+        indirect = bool(acked >> VIRTIO_RING_F_INDIRECT_DESC & 1)
+        with self._io_lock, self._lock:
+            if self._status & STATUS_DRIVER_OK:
+                self.device.reset()  # not a fresh transport: drop the old activation
+            self._clear_state()
+            self._status = status
+            self._device_features_sel = regs["device_features_sel"]
+            self._driver_features_sel = regs["driver_features_sel"]
+            self._queue_sel = regs["queue_sel"]
+            self._config_generation = regs["config_generation"]
+            self._driver_features = acked
+            self._interrupt_status = interrupt_status
+            for i, (q, qs, activated) in enumerate(plan):
+                q.restore(qs, self.mem, activated=activated, event_idx=event_idx,
+                          indirect=indirect, what=f"{what} queue {i}")
+            if driver_ok:
+                self.device.activate(self.queues, self.mem, self._signal_used)
+
+    def kick_all(self) -> None:
+        """Serve every ready queue once, as a QueueNotify of each would (:meth:`notify`).
+
+        The machine calls it after :meth:`restore`: requests the driver had made
+        available before the snapshot but that were not served yet complete now. Does
+        nothing before DRIVER_OK or after DEVICE_NEEDS_RESET / FAILED. Runs the device's
+        request processing (disk I/O) on the calling thread, under ``_io_lock``.
+        """
+        with self._lock:
+            status = self._status
+        if not status & STATUS_DRIVER_OK or status & (STATUS_DEVICE_NEEDS_RESET
+                                                      | STATUS_FAILED):
+            return
+        for i, q in enumerate(self.queues):
+            if q.ready:
+                self.notify(i)

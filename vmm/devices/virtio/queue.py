@@ -19,6 +19,15 @@ failure are kept apart:
   RAM, a bad indirect table). The device completes just that chain, with an error
   status when it can find where to put one (§2.7.4).
 
+Snapshot state (vm-virtio's ``QueueState``): :meth:`Queue.save` hands out the queue's
+configuration and ring position as plain data -- ``size``, ``ready``, ``desc_table``,
+``avail_ring``, ``used_ring``, ``next_avail``, ``next_used``, ``signalled_used``.
+Whether the queue is activated and with which ring features (EVENT_IDX, INDIRECT_DESC)
+is not in it: the transport derives that from its own state (DRIVER_OK, the acked
+features) and hands it to :meth:`Queue.restore`, which checks the state the way
+QueueReady and activation do and rebuilds the queue *without* resetting its indexes.
+The transport keeps the version (``"v"``) of the state it nests these in.
+
 A :class:`Queue` is not thread-safe by itself: the transport guarantees that only one
 thread at a time pops from or adds to a given queue (see mmio.py, "Locking").
 """
@@ -28,6 +37,7 @@ from __future__ import annotations
 import struct
 from collections import namedtuple
 
+from vmm.devices.state import U16_MAX, U32_MAX, U64_MAX, DeviceStateError, fields, flag, uint
 from vmm.log import get_logger
 from vmm.memory import GuestMemory, memory_barrier
 
@@ -36,6 +46,10 @@ log = get_logger(__name__)
 
 class QueueError(Exception):
     """The driver broke the virtqueue (the device must be reset to recover)."""
+
+
+class QueueStateError(DeviceStateError):
+    """A saved queue state that cannot be restored (one line)."""
 
 
 # --- Feature bits implemented by this module (§6) -------------------------------------
@@ -64,6 +78,10 @@ USED_ALIGN = 4
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
 _U64_LIMIT = 1 << 64
+
+#: The keys of Queue.save()'s state.
+QUEUE_STATE_KEYS = ("size", "ready", "desc_table", "avail_ring", "used_ring", "next_avail",
+                    "next_used", "signalled_used")
 
 
 def desc_table_size(size: int) -> int:
@@ -202,13 +220,88 @@ class Queue:
 
     def activate(self, mem: GuestMemory, *, event_idx: bool, indirect: bool) -> None:
         """Start using a ready queue (on DRIVER_OK), with the negotiated ring features."""
+        self._start(mem, event_idx, indirect, 0, 0, None)
+
+    def _start(self, mem: GuestMemory, event_idx: bool, indirect: bool, next_avail: int,
+               next_used: int, signalled_used: int | None) -> None:
         self.mem = mem
         self.event_idx = event_idx
         self.indirect = indirect
-        self.next_avail = 0
-        self.next_used = 0
-        self.signalled_used = None
+        self.next_avail = next_avail
+        self.next_used = next_used
+        self.signalled_used = signalled_used
         self._layout = None
+
+    # -- snapshot state (see the module docstring) ----------------------------------------
+    def save(self) -> dict:
+        """The queue's configuration and ring position as plain data (QueueState)."""
+        return {"size": self._size, "ready": self.ready, "desc_table": self._desc_table,
+                "avail_ring": self._avail_ring, "used_ring": self._used_ring,
+                "next_avail": self.next_avail, "next_used": self.next_used,
+                "signalled_used": self.signalled_used}
+
+    def check_state(self, state: dict, mem: GuestMemory, *, activated: bool,
+                    what: str = "virtqueue") -> None:
+        """Check ``state`` (from :meth:`save`) for this queue without changing anything.
+
+        Args:
+            mem: the guest RAM the rings must lie in.
+            activated: whether the queue is to be restored activated (DRIVER_OK was set
+                while it was ready); if not, its ring indexes must be the reset ones.
+        Raises:
+            QueueStateError: a value of the wrong type or range, a ready queue whose
+                size or rings QueueReady would refuse (§2.7, §4.2.3.2), indexes further
+                apart than the queue size (§2.7.6).
+        """
+        try:
+            fields(state, what, QUEUE_STATE_KEYS, version=None)
+            ready = flag(state, "ready", what)
+            # QueueNum holds whatever the driver wrote until QueueReady checks it.
+            size = uint(state, "size", what, U32_MAX)
+            addrs = [uint(state, k, what, U64_MAX)
+                     for k in ("desc_table", "avail_ring", "used_ring")]
+            next_avail = uint(state, "next_avail", what, U16_MAX)
+            next_used = uint(state, "next_used", what, U16_MAX)
+            signalled = state["signalled_used"]
+            if signalled is not None:
+                uint(state, "signalled_used", what, U16_MAX)
+        except DeviceStateError as e:
+            raise QueueStateError(str(e)) from None
+        if activated and not ready:
+            raise QueueStateError(f"{what} state: an activated queue that is not ready")
+        if ready:
+            probe = Queue(self.max_size)
+            probe.size, (probe.desc_table, probe.avail_ring, probe.used_ring) = size, addrs
+            why = probe.check_layout(mem)  # what QueueReady checks (§2.7, §4.2.3.2)
+            if why:
+                raise QueueStateError(f"{what} state: {why}")
+        if not activated:
+            if next_avail or next_used or signalled is not None:
+                raise QueueStateError(f"{what} state: ring indexes of a queue that was "
+                                      "never activated are not the reset ones")
+        elif (next_avail - next_used) & 0xFFFF > size:
+            # §2.7.6: at most queue-size buffers are ever outstanding.
+            raise QueueStateError(f"{what} state: next_avail {next_avail} is more than "
+                                  f"the queue size {size} ahead of next_used {next_used}")
+
+    def restore(self, state: dict, mem: GuestMemory, *, activated: bool,
+                event_idx: bool = False, indirect: bool = False,
+                what: str = "virtqueue") -> None:
+        """Put this queue into ``state`` (from :meth:`save`), activated on ``mem`` with
+        the given ring features when ``activated``; the ring indexes are the saved
+        ones, not reset as :meth:`activate` does.
+
+        Raises:
+            QueueStateError: see :meth:`check_state`; nothing is changed.
+        """
+        self.check_state(state, mem, activated=activated, what=what)
+        self.reset()
+        self.size, self.ready = state["size"], state["ready"]
+        self.desc_table, self.avail_ring = state["desc_table"], state["avail_ring"]
+        self.used_ring = state["used_ring"]
+        if activated:
+            self._start(mem, event_idx, indirect, state["next_avail"], state["next_used"],
+                        state["signalled_used"])
 
     def _translate(self) -> tuple:
         """Translate the three ring areas once: ``(words, view, spans, desc, avail,
