@@ -23,7 +23,8 @@ __all__ = ["CACHE_MODES", "DiskBackend", "DiskError", "RawDisk", "open_disk"]
 
 
 def open_disk(path: str | os.PathLike, *, read_only: bool = False,
-              cache: str = "writeback", snapshot: bool = False) -> DiskBackend:
+              cache: str = "writeback", snapshot: bool = False,
+              overlay_from: tuple[str | os.PathLike, dict] | None = None) -> DiskBackend:
     """Open a disk image for a VM.
 
     Args:
@@ -35,16 +36,29 @@ def open_disk(path: str | os.PathLike, *, read_only: bool = False,
             off) and the guest's writes go to a copy-on-write overlay (overlay.py) that
             is an unlinked temporary file, gone with the VM, also on SIGKILL. With
             ``read_only`` it changes nothing: a read-only disk needs no overlay.
+        overlay_from: ``(directory, state)``: start the overlay of a snapshot disk with
+            what ``Overlay.save_to`` saved in ``directory`` (its returned ``state``),
+            copied into the new overlay (overlay.py ``Overlay.reopen``); the saved files
+            are only read. Needs ``snapshot`` and not ``read_only``.
     Returns:
         The backend; the caller closes it (``close`` or ``with``).
     Raises:
-        DiskError: see :class:`RawDisk`; or no overlay file could be created.
+        DiskError: see :class:`RawDisk`; or no overlay file could be created; or
+            ``overlay_from`` cannot be used (``overlay.OverlayStateError``, also a
+            ValueError).
     """
+    if overlay_from is not None and (not snapshot or read_only):
+        raise DiskError(f"{os.fspath(path)}: a saved overlay needs a snapshot disk "
+                        "that is not read-only")
     if not snapshot or read_only:
         return RawDisk(path, read_only=read_only, cache=cache)
     from . import overlay  # tempfile & co.: only for snapshot disks
     base = RawDisk(path, read_only=True, cache=cache)
     try:
+        if overlay_from is not None:
+            directory, state = overlay_from
+            return overlay.Overlay.reopen(base, overlay.overlay_dirs(base.path), directory,
+                                          state)
         return overlay.Overlay(base, overlay.overlay_dirs(base.path))
     except BaseException:
         base.close()

@@ -76,6 +76,13 @@ class DiskBackend:
         """Make the range read as zeros; with ``unmap``, free its space if possible."""
         raise NotImplementedError
 
+    def save_to(self, directory: str, name: str) -> dict | None:
+        """For a snapshot: write what this backend holds outside its image into
+        ``directory`` (files named from ``name``) and return the plain-data state that
+        reopens it (overlay.py), or None when all its data is in the image (raw.py: the
+        machine records the image itself as a dependency of the snapshot)."""
+        return None
+
     def close(self) -> None:
         """Close the image (dropping its lock). Idempotent."""
         raise NotImplementedError

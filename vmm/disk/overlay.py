@@ -20,6 +20,15 @@ it when the last fd closes -- also when the VMM is killed with SIGKILL.
   back to the base.)
 * Nothing needs to survive, so there is nothing to flush: ``flush`` returns at once.
 
+Snapshots: :meth:`Overlay.save_to` writes the overlay's data (a sparse file: only the
+blocks in the overlay, and of those only the ones not all zeros, take space) and its
+block map into a snapshot directory, and returns the plain-data state naming them.
+:meth:`Overlay.reopen` builds a new overlay over the same base from those files: a
+new private unlinked file like any overlay's, into which the saved blocks are copied,
+so the snapshot's files are only ever read -- restoring one snapshot twice gives two
+overlays that share nothing writable. ``open_disk(..., snapshot=True,
+overlay_from=(directory, state))`` (vmm/disk/__init__.py) does that for a path.
+
 Memory is bounded by the image size: the bitmap holds one bit per block
 (size / 32 KiB bytes: 32 MiB for a 1 TiB image). Disk use of the overlay is bounded by
 what the guest writes, at most the image size.
@@ -52,6 +61,44 @@ _NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT)
 
 class OverlayError(DiskError):
     """No overlay file could be created (one line, meant for the user)."""
+
+
+class OverlayStateError(OverlayError, ValueError):
+    """A saved overlay that cannot be reopened: bad state, missing or wrong-sized files
+    (one line)."""
+
+
+#: Bytes copied at a time when saving or reopening an overlay.
+COPY_CHUNK = 1 << 20
+#: The keys of Overlay.save_to()'s state (besides "v").
+_STATE_KEYS = ("data", "map", "size", "block_size")
+
+
+def _check_name(name: object, what: str) -> str:
+    """``name`` if it is a plain file name (no directory part, not hidden)."""
+    if (not isinstance(name, str) or not name or name.startswith(".")
+            or "/" in name or "\0" in name):
+        raise OverlayStateError(f"{what} {name!r} is not a plain file name")
+    return name
+
+
+def _copy_blocks(runs, size: int, src: int, dst: int) -> None:
+    """Copy the blocks of the ``(start, end, in_overlay)`` runs that are in the overlay
+    from fd ``src`` to fd ``dst`` at the same offsets, leaving holes where a chunk is all
+    zeros (``dst`` is sparse: holes read as zeros). Raises OSError."""
+    for b0, b1, here in runs:
+        if not here:
+            continue
+        off, end = b0 << BLOCK_SHIFT, min(b1 << BLOCK_SHIFT, size)
+        while off < end:
+            n = min(COPY_CHUNK, end - off)
+            data = os.pread(src, n, off)
+            if len(data) != n:
+                raise OSError(errno.EIO, "overlay data file is shorter than the disk")
+            if data.count(0) != n:
+                if os.pwrite(dst, data, off) != n:
+                    raise OSError(errno.EIO, "short write")
+            off += n
 
 
 def _open_unlinked(directory: str) -> int:
@@ -125,6 +172,116 @@ class Overlay(DiskBackend):
         else:
             raise OverlayError(f"{base.path}: cannot create a snapshot overlay file ("
                                + "; ".join(errors) + "); set TMPDIR to a writable directory")
+
+    # -- snapshots (see the module docstring) ---------------------------------------
+    def save_to(self, directory: str | os.PathLike, name: str) -> dict:
+        """Write this overlay into ``directory`` as ``NAME.overlay`` (the data, sparse)
+        and ``NAME.map`` (the block map), each through a temporary name and a rename,
+        synced; returns the state that :meth:`reopen` takes.
+
+        Call it while no request is being served (the VM paused): an overlay is not
+        locked (see the module docstring).
+
+        Returns:
+            ``{"v": 1, "data": file name, "map": file name, "size": bytes,
+            "block_size": BLOCK_SIZE}`` (names relative to ``directory``).
+        Raises:
+            OverlayStateError: ``name`` is not a plain file name.
+            OSError: the files cannot be written.
+        """
+        directory = os.fspath(directory)
+        _check_name(name, "overlay name")
+        data_name, map_name = f"{name}.overlay", f"{name}.map"
+        bitmap = bytes(self.bitmap)
+
+        def write(fname: str, fill) -> None:
+            final = os.path.join(directory, fname)
+            tmp = os.path.join(directory, f".{fname}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                fill(fd)
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                os.unlink(tmp)
+                raise
+            os.close(fd)
+            os.replace(tmp, final)
+
+        def fill_data(fd: int) -> None:
+            os.ftruncate(fd, self.size)
+            _copy_blocks(self.runs(0, self.nblocks), self.size, self.fd, fd)
+
+        def fill_map(fd: int) -> None:
+            if os.write(fd, bitmap) != len(bitmap):
+                raise OSError(errno.EIO, "short write")
+
+        write(data_name, fill_data)
+        write(map_name, fill_map)
+        return {"v": 1, "data": data_name, "map": map_name, "size": self.size,
+                "block_size": BLOCK_SIZE}
+
+    @classmethod
+    def reopen(cls, base: DiskBackend, dirs: list[str], directory: str | os.PathLike,
+               state: dict) -> "Overlay":
+        """A new overlay over ``base`` holding what :meth:`save_to` wrote into
+        ``directory``: the saved blocks are copied into a new private unlinked overlay
+        file (in one of ``dirs``); the saved files are only read.
+
+        Raises:
+            OverlayStateError: ``state`` is not one save_to returns, names a file
+                outside ``directory``, is for a disk of another size, or its files are
+                missing, unreadable or of the wrong size (the base stays open: the
+                caller closes it, as with the constructor).
+            OverlayError: no overlay file could be created.
+        """
+        directory = os.fspath(directory)
+        what = f"{base.path}: saved overlay"
+        if not isinstance(state, dict) or state.get("v") != 1 \
+                or set(state) != {"v", *_STATE_KEYS}:
+            raise OverlayStateError(f"{what}: the state is not a version 1 overlay state")
+        data_name = _check_name(state["data"], f"{what}: data file")
+        map_name = _check_name(state["map"], f"{what}: map file")
+        size, block_size = state["size"], state["block_size"]
+        if type(block_size) is not int or block_size != BLOCK_SIZE:
+            raise OverlayStateError(f"{what}: block size {block_size!r}, not {BLOCK_SIZE}")
+        if type(size) is not int or size != base.size:
+            raise OverlayStateError(f"{what}: it is of a {size!r}-byte disk; the image now "
+                                    f"has {base.size} bytes")
+        nblocks = -(-size // BLOCK_SIZE)
+        map_path = os.path.join(directory, map_name)
+        data_path = os.path.join(directory, data_name)
+        try:
+            with open(map_path, "rb") as f:
+                bitmap = f.read(-(-nblocks // 8) + 1)
+            data_fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise OverlayStateError(f"{what}: cannot read {e.filename}: {e.strerror}") \
+                from None
+        try:
+            if len(bitmap) != -(-nblocks // 8):
+                raise OverlayStateError(f"{what}: {map_path} holds {len(bitmap)} bytes, "
+                                        f"not {-(-nblocks // 8)}")
+            if nblocks & 7 and bitmap[-1] >> (nblocks & 7):
+                raise OverlayStateError(f"{what}: {map_path} marks blocks past the end")
+            if os.fstat(data_fd).st_size != size:
+                raise OverlayStateError(f"{what}: {data_path} is not {size} bytes long")
+            overlay = cls(base, dirs)
+            try:
+                overlay.bitmap[:] = bitmap
+                _copy_blocks(overlay.runs(0, nblocks), size, data_fd, overlay.fd)
+            except OSError as e:
+                os.close(overlay.fd)  # not close(): the base is the caller's to close
+                overlay.fd = -1
+                raise OverlayStateError(f"{what}: cannot copy {data_path}: "
+                                        f"{e.strerror}") from None
+            except BaseException:
+                os.close(overlay.fd)
+                overlay.fd = -1
+                raise
+            return overlay
+        finally:
+            os.close(data_fd)
 
     def close(self) -> None:
         """Close the overlay file (the kernel frees it: it has no name), then the base."""

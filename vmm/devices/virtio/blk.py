@@ -10,6 +10,18 @@ request data is copied through Python objects.
 
 What ``cache=`` and ``snapshot=`` mean is the backends' (vmm/disk/raw.py, overlay.py):
 FLUSH asks the backend to make completed writes durable.
+
+Snapshot state: :meth:`VirtioBlk.save` gives ``capacity`` (sectors), ``features``
+(offered) and ``serial`` (the 20 GET_ID bytes); the transport nests it in its own state
+and calls :meth:`VirtioBlk.restore` (vmm/devices/virtio/mmio.py, "Snapshot state").
+Capacity and features are derived from the disk and the options, so restore only checks
+that the rebuilt device has the same ones (the guest's driver negotiated with them);
+the serial is restored (a default one comes from the image's inode, which a copied
+image does not keep). The per-activation state (queues, memory) comes back through the
+transport's activation. The disk's contents are not in the state: the machine records
+the image's path, size and mtime as dependencies; a snapshot disk's overlay, which
+lives in no image, is saved by :meth:`VirtioBlk.save_disk` into the snapshot directory
+and reopened by ``VirtioBlk(path, ..., snapshot=True, saved_disk=(directory, state))``.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ import os
 import struct
 from typing import Callable, Sequence
 
+from vmm.devices.state import U64_MAX, DeviceStateError, blob, fields, uint
 from vmm.disk import CACHE_MODES, DiskBackend, DiskError, open_disk  # noqa: F401 (API)
 from vmm.log import get_logger, log_once
 from vmm.memory import GuestMemory
@@ -131,9 +144,17 @@ class VirtioBlk:
         snapshot: keep the image unmodified and send writes to a throwaway overlay
             (vmm/disk/overlay.py). With ``read_only`` it changes nothing: a read-only
             disk needs no overlay.
+        saved_disk: ``(directory, state)`` where ``state`` is what :meth:`save_disk`
+            returned for this disk into snapshot ``directory``: a snapshot disk's
+            overlay starts with the saved one's contents (copied: the snapshot's files
+            are only read). Not with a ``DiskBackend`` for ``path``.
     Raises:
         BlockError: the image is missing, a directory, unreadable, locked by another
             VM, no overlay file can be created, or an option is invalid.
+        DeviceStateError: ``saved_disk`` does not fit these options (an overlay for a
+            disk that is not a snapshot disk, or none for one); a saved overlay that
+            cannot be reopened raises ``OverlayStateError`` (a BlockError); both are
+            ValueErrors.
     """
 
     device_id = VIRTIO_ID_BLOCK
@@ -141,7 +162,8 @@ class VirtioBlk:
 
     def __init__(self, path: str | os.PathLike | DiskBackend, *, read_only: bool = False,
                  serial: str | None = None, cache: str = "writeback",
-                 snapshot: bool = False):
+                 snapshot: bool = False,
+                 saved_disk: tuple[str | os.PathLike, dict] | None = None):
         sid = None
         if serial is not None:  # checked first: a bad option opens nothing
             try:
@@ -150,10 +172,26 @@ class VirtioBlk:
                 sid = b""
             if not sid and serial or len(sid) > VIRTIO_BLK_ID_BYTES:
                 raise BlockError(f"disk serial {serial!r} must be at most 20 ASCII characters")
+        overlay_from = None
+        if saved_disk is not None:
+            if isinstance(path, DiskBackend):
+                raise BlockError("saved_disk needs a path, not an open disk backend")
+            directory, disk_state = saved_disk
+            fields(disk_state, "virtio-blk disk", ("overlay",))
+            overlay_state = disk_state["overlay"]
+            if (overlay_state is not None) != (snapshot and not read_only):
+                raise DeviceStateError(
+                    f"{os.fspath(path)}: the snapshot has "
+                    f"{'an' if overlay_state is not None else 'no'} overlay for this disk, "
+                    f"which is {'' if snapshot and not read_only else 'not '}a "
+                    "writable snapshot disk")
+            if overlay_state is not None:
+                overlay_from = (directory, overlay_state)
         if isinstance(path, DiskBackend):
             backend = path
         else:
-            backend = open_disk(path, read_only=read_only, cache=cache, snapshot=snapshot)
+            backend = open_disk(path, read_only=read_only, cache=cache, snapshot=snapshot,
+                                overlay_from=overlay_from)
         #: Where the data is (vmm/disk): every request's I/O goes through it.
         self.backend = backend
         self.path = backend.path
@@ -217,6 +255,47 @@ class VirtioBlk:
 
     def _log_once(self, key, msg: str, *args) -> None:
         log_once(log, self._logged, key, "virtio-blk %s: " + msg, self.path, *args)
+
+    # -- snapshot state (see the module docstring) -------------------------------------
+    def save(self) -> dict:
+        """The device's state as plain data: ``capacity``, ``features``, ``serial``."""
+        return {"v": 1, "capacity": self.capacity, "features": self.features,
+                "serial": self._serial}
+
+    def restore(self, state: dict) -> None:
+        """Check that this device serves the disk ``state`` (from :meth:`save`) was
+        saved with -- same capacity and offered features -- and take its serial.
+
+        Raises:
+            DeviceStateError: a bad value, or another capacity or feature set; nothing
+                is changed.
+        """
+        what = "virtio-blk"
+        fields(state, what, ("capacity", "features", "serial"))
+        capacity = uint(state, "capacity", what, U64_MAX)
+        features = uint(state, "features", what, U64_MAX)
+        serial = blob(state, "serial", what, VIRTIO_BLK_ID_BYTES, exact=True)
+        if capacity != self.capacity:
+            raise DeviceStateError(f"{self.path}: the snapshot's disk had {capacity} "
+                                   f"sectors, this one has {self.capacity}")
+        if features != self.features:
+            raise DeviceStateError(f"{self.path}: the snapshot's disk offered features "
+                                   f"{features:#x}, this one offers {self.features:#x} "
+                                   "(another read-only setting?)")
+        self._serial = serial
+
+    def save_disk(self, directory: str | os.PathLike, name: str) -> dict:
+        """Save what of the disk is in no image -- a snapshot disk's overlay -- into
+        snapshot ``directory`` (files named from ``name``, vmm/disk/overlay.py
+        ``Overlay.save_to``); call it with the VM paused.
+
+        Returns:
+            ``{"v": 1, "overlay": the overlay's state or None}``: what ``saved_disk=``
+            takes back (with ``directory``) to reopen the disk.
+        Raises:
+            OSError: the files cannot be written; OverlayStateError: a bad ``name``.
+        """
+        return {"v": 1, "overlay": self.backend.save_to(directory, name)}
 
     # -- VirtioDevice ----------------------------------------------------------------------
     def read_config(self, offset: int, size: int) -> int:
