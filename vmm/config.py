@@ -25,6 +25,8 @@ class ExitReason(enum.Enum):
     EMULATION_FAILURE = "emulation-failure"
     STOPPED = "stopped"
     ERROR = "error"
+    #: Ended after saving a snapshot (``pyvmm boot --snapshot-on``).
+    SNAPSHOTTED = "snapshotted"
 
 
 #: pyvmm's exit status for each way a VM can end (documented in the README).
@@ -37,6 +39,7 @@ EXIT_STATUS = {
     ExitReason.TRIPLE_FAULT: 4,
     ExitReason.EMULATION_FAILURE: 5,
     ExitReason.STOPPED: 130,
+    ExitReason.SNAPSHOTTED: 0,
 }
 
 

@@ -68,7 +68,7 @@ class Machine:
         Firecracker's build_microvm_for_boot / build_microvm_from_snapshot, over the
         same hardware-creation steps."""
         self.config = config
-        self.snapshot = snapshot
+        self.restored_from = snapshot
         self.stopping = False
         #: Set by pause(): the vCPU loops return, the VM does not end.
         self._pausing = False
@@ -78,6 +78,8 @@ class Machine:
         self._pause_lock = threading.Lock()
         #: Stateful devices by name, in creation order (snapshots save them by name).
         self.devices: dict[str, object] = {}
+        #: Console watches: event name -> callback (watch_console).
+        self._watches: dict[str, Callable[[], None]] = {}
         self.result: VmExit | None = None
         self._result_lock = threading.Lock()
         self._closers: list[Callable[[], None]] = []
@@ -107,10 +109,10 @@ class Machine:
         self.vm.create_irqchip()
         self.vm.create_pit2()
 
-        if self.snapshot is None:
+        if self.restored_from is None:
             self.mem = GuestMemory(cfg.mem_size)
         else:   # copy-on-write: nothing read up front, the file is never written
-            self.mem = GuestMemory.from_file(self.snapshot.memory_path, cfg.mem_size)
+            self.mem = GuestMemory.from_file(self.restored_from.memory_path, cfg.mem_size)
         self._closers.append(self.mem.close)
         self._mem_cdata = None
         host_base = self.mem_host_address = self._host_address(self.mem.host_buffer)
@@ -127,14 +129,14 @@ class Machine:
         #: Called on a vCPU thread for every exit that reaches Python.
         self.handle_exit = self.exit_handler.handle
         self._build_devices()
-        if self.snapshot is None:
+        if self.restored_from is None:
             self._load()
         self._create_vcpus()
-        if self.snapshot is None:
+        if self.restored_from is None:
             self._boot_vcpus()
         else:
             from vmm.snapshot import persist
-            persist.restore_state(self, self.snapshot)
+            persist.restore_state(self, self.restored_from)
 
     def _report_missing_caps(self) -> None:
         """Say once that optional KVM capabilities are missing (quiet when none are)."""
@@ -362,8 +364,19 @@ class Machine:
             self.request_exit(ExitReason.POWEROFF)
         elif event == "panic-end":
             self.request_exit(ExitReason.PANIC, detail="guest kernel panic")
+        elif event in self._watches:
+            self._watches.pop(event)()
         elif event not in ("reboot", "panic"):
             self.times.setdefault(event, time.monotonic())
+
+    def watch_console(self, text: bytes, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, the first time a console line contains ``text``.
+        It runs on the thread that writes console output (the console thread, or a
+        vCPU thread with the Python loop): it must not wait for the VM (e.g. pause it)
+        itself, only start whatever does."""
+        event = f"watch-{len(self._watches)}-{len(self.console.markers)}"
+        self._watches[event] = callback
+        self.console.markers[bytes(text)] = event
 
     # -- running and stopping -------------------------------------------------------------
     def request_exit(self, reason: ExitReason, *, status: int | None = None, detail: str = "") -> None:
@@ -396,7 +409,7 @@ class Machine:
             console.start()
         self.times["run"] = time.monotonic()
         self._started = True
-        if self.snapshot is not None:
+        if self.restored_from is not None:
             from vmm.snapshot import persist
             persist.after_restore(self)
         self.io.start()
@@ -472,21 +485,28 @@ class Machine:
                 loop.vcpu.immediate_exit = 0
                 loop.start()
 
-    def snapshot(self, directory) -> object:
+    def snapshot(self, directory, *, end: bool = False) -> object:
         """Save the VM to ``directory`` (vmm.snapshot.persist): paused for the time it
-        takes, then running again as before. Returns the SnapshotInfo.
+        takes, then running again as before — or, with ``end``, ended (SNAPSHOTTED,
+        status 0) once it is saved. Returns the SnapshotInfo.
 
         Raises:
             vmm.snapshot.SnapshotError: the directory exists, the VM ended, or a device
                 cannot be saved (nothing is left half written).
         """
-        from vmm.snapshot import SnapshotError, persist
+        from vmm.snapshot import persist
+        from vmm.snapshot.format import SnapshotError
         was_paused = self.paused
         if not self.pause():
             raise SnapshotError("cannot snapshot: the VM is not running")
+        ok = False
         try:
-            return persist.save(self, directory)
+            info = persist.save(self, directory)
+            ok = True
+            return info
         finally:
+            if end and ok:
+                self.request_exit(ExitReason.SNAPSHOTTED, detail=f"snapshot saved to {directory}")
             if not was_paused:
                 self.resume()
 

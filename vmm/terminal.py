@@ -22,6 +22,7 @@ from collections.abc import Callable
 ESCAPE = 0x01  # Ctrl-A
 HELP = ("\r\npyvmm console escapes:\r\n"
         "  Ctrl-A x       quit (stops the VM)\r\n"
+        "  Ctrl-A s       save a snapshot of the VM (it goes on running)\r\n"
         "  Ctrl-A h       this help\r\n"
         "  Ctrl-A Ctrl-A  send Ctrl-A to the guest\r\n")
 
@@ -76,12 +77,16 @@ class ConsoleInput:
         space: how many bytes the FIFO can take now (input waits while it is full).
         on_quit: called for Ctrl-A x.
         on_help: called for Ctrl-A h with the help text.
+        on_snapshot: called for Ctrl-A s (on this thread: it should hand the work to
+            another one), or None when snapshots are not offered.
     """
 
     def __init__(self, send: Callable[[bytes], int], space: Callable[[], int],
-                 on_quit: Callable[[], None], on_help: Callable[[str], None], fd: int | None = None):
+                 on_quit: Callable[[], None], on_help: Callable[[str], None], fd: int | None = None,
+                 on_snapshot: Callable[[], None] | None = None):
         self.fd = sys.stdin.fileno() if fd is None else fd
         self.send, self.space, self.on_quit, self.on_help = send, space, on_quit, on_help
+        self.on_snapshot = on_snapshot
         self.is_tty = os.isatty(self.fd)
         self._saved = None
         self._wake_r, self._wake_w = os.pipe()
@@ -135,7 +140,9 @@ class ConsoleInput:
                     self.on_quit()
                     self._stop = True
                     break
-                if b in (ord("h"), ord("H"), ord("?")):
+                if b in (ord("s"), ord("S")) and self.on_snapshot is not None:
+                    self.on_snapshot()
+                elif b in (ord("h"), ord("H"), ord("?")):
                     self.on_help(HELP)
                 elif b == ESCAPE:
                     out.append(ESCAPE)

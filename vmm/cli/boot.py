@@ -43,6 +43,7 @@ def add_parser(subparsers) -> None:
     add_machine_options(b)
     add_output_options(b, timings_help="print a table of boot phases at exit",
                        timeout_help="stop the VM after this long")
+    add_snapshot_options(b)
     add_verbose(b)
 
 
@@ -58,16 +59,13 @@ def _check_cpus(cpus: int) -> None:
 
 def main(args) -> int:
     """Run ``pyvmm boot``; returns the exit status (UserError etc. go to vmm.cli.main)."""
-    import signal
-    import time
 
-    from vmm.errors import UserError
-    from vmm.machine import ExitReason, Machine, MachineConfig
-    from vmm.terminal import ConsoleInput, ConsoleOutput
+    from vmm.machine import Machine, MachineConfig
     from vmm.vcpu import default_loop
 
     mem_size = parse_mem(args.mem)
     cpus = parse_cpus(args.cpus)
+    check_snapshot_dir(args)
     markers = {}
     if args.kernel is None:
         if args.raw:
@@ -96,58 +94,109 @@ def main(args) -> int:
         linux = linuxboot.prepare(args.cpu_profile, cpus, root=root, extra=args.cmdline,
                                   replace=args.cmdline_replace)
 
+    def new_machine(console):
+        config = MachineConfig(
+            kernel=kernel, mem_size=mem_size, cpus=cpus, kind="raw" if args.raw else "linux",
+            initrd=initrd, cmdline=linux.cmdline if linux else "", kernel_mode=args.kernel_mode,
+            loop=args.loop or default_loop(), console=console, markers=markers, disks=disks,
+            system_map=system_map, cpu_profile=linux.profile if linux else "")
+        if linux is not None:
+            config.quirks = linux.quirks
+        return Machine(config)
+
+    return session(args, new_machine, pre_notes=linux.notes if linux else (),
+                   restartable=args.on_reboot == "restart")
+
+
+def add_snapshot_options(p) -> None:
+    """--snapshot-dir and --snapshot-on (boot and restore)."""
+    p.add_argument("--snapshot-dir", metavar="DIR",
+                   help="where Ctrl-A s (or --snapshot-on) saves the snapshot "
+                        "(default: ./pyvmm-snapshot-<time>)")
+    p.add_argument("--snapshot-on", metavar="MARKER",
+                   help="save a snapshot to --snapshot-dir when a console line starts with "
+                        "MARKER, then end (exit status 0)")
+
+
+def check_snapshot_dir(args) -> None:
+    """--snapshot-dir must be free (absent or an empty directory): said before booting."""
+    d = getattr(args, "snapshot_dir", None)
+    if d and os.path.lexists(d) and (not os.path.isdir(d) or os.listdir(d)):
+        raise UsageError(f"--snapshot-dir {d}: already exists; remove it or choose another")
+    if d and not os.path.isdir(os.path.dirname(os.path.abspath(d))):
+        raise UsageError(f"--snapshot-dir {d}: {os.path.dirname(os.path.abspath(d))} "
+                         "is not a directory")
+
+
+def session(args, new_machine, *, pre_notes=(), restartable: bool = False) -> int:
+    """Run a VM on the terminal to its end: console in and out, SIGTERM, --timeout
+    (over the whole session, restarts included), --timings, snapshots (Ctrl-A s,
+    --snapshot-on) and pyvmm's notes. Shared by ``pyvmm boot`` and ``pyvmm restore``.
+
+    Args:
+        new_machine: ``new_machine(console) -> Machine`` (console: the output callable).
+        pre_notes: notes known before the VM is built (host detection).
+        restartable: a guest reboot builds a new VM (``--on-reboot restart``).
+    """
+    import signal
+    import threading
+    import time
+
+    from vmm.errors import UserError
+    from vmm.machine import ExitReason
+    from vmm.terminal import ConsoleInput, ConsoleOutput
+
     out = ConsoleOutput(log_path=args.console_log)
     # Added once the VM is built, so that a bad-input error stays one line.
     notes = Notes(verbose(args), lambda note: err(note, out))
     status = EXIT_VMM_ERROR
     interrupted = {"machine": None}
+    snapshot_on = getattr(args, "snapshot_on", None)
 
     def on_sigterm(signo, frame):
         m = interrupted["machine"]
         if m is not None:
             m.stop()
 
-    # --timeout covers the whole session, restarts included.
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     old_term = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         while True:
-            config = MachineConfig(
-                kernel=kernel, mem_size=mem_size, cpus=cpus, kind="raw" if args.raw else "linux",
-                initrd=initrd, cmdline=linux.cmdline if linux else "", kernel_mode=args.kernel_mode,
-                loop=args.loop or default_loop(), console=out.write, markers=markers, disks=disks,
-                system_map=system_map)
-            if linux is not None:
-                config.quirks = linux.quirks
-            with Machine(config) as machine:
+            with new_machine(out.write) as machine:
                 interrupted["machine"] = machine
-                notes.add(*(linux.notes if linux else ()), *machine.notes)
-                if machine.kernel.fallback_reason:
+                notes.add(*pre_notes, *machine.notes)
+                kernel = getattr(machine, "kernel", None)
+                if kernel is not None and kernel.fallback_reason:
                     notes.add("note: starting the kernel's own decompressor: "
-                              + machine.kernel.fallback_reason)
+                              + kernel.fallback_reason)
+                snapshots = _Snapshots(machine, args, out)
+                if snapshot_on:
+                    machine.watch_console(snapshot_on.encode(), snapshots.save_and_end)
 
                 def help_(text):
                     out.end_line()
                     os.write(2, text.encode())
 
                 with ConsoleInput(machine.serial.enqueue_input, machine.serial.input_space,
-                                  machine.stop, help_):
+                                  machine.stop, help_, on_snapshot=snapshots.save_and_resume):
                     try:
                         result = machine.run(timeout=None if deadline is None
                                              else max(deadline - time.monotonic(), 0))
                     except KeyboardInterrupt:
                         machine.stop()
                         result = machine.run()
+                snapshots.join()
                 times = dict(machine.times)
                 if os.environ.get("PYVMM_BENCH_STAMPS"):
                     _write_stamps(os.environ["PYVMM_BENCH_STAMPS"], machine)
             interrupted["machine"] = None
-            if result.reason is ExitReason.REBOOT and args.on_reboot == "restart":
+            if result.reason is ExitReason.REBOOT and restartable:
                 err("guest rebooted: restarting", out)
                 continue
             break
         status = result.status
-        if result.reason not in (ExitReason.POWEROFF, ExitReason.DEBUG_EXIT, ExitReason.REBOOT):
+        if result.reason not in (ExitReason.POWEROFF, ExitReason.DEBUG_EXIT, ExitReason.REBOOT,
+                                 ExitReason.SNAPSHOTTED):
             if result.reason is not ExitReason.STOPPED:
                 notes.failed()
             err(f"guest ended: {result.reason.value}"
@@ -157,13 +206,66 @@ def main(args) -> int:
     except (UserError, KeyboardInterrupt):
         raise
     except BaseException:       # a VMM error or a bug: the notes may explain it
-        notes.add(*(linux.notes if linux else ()))  # if it failed before the VM was built
+        notes.add(*pre_notes)   # if it failed before the VM was built
         notes.failed()
         raise
     finally:
         signal.signal(signal.SIGTERM, old_term)
         out.close()
     return status
+
+
+class _Snapshots:
+    """Ctrl-A s and --snapshot-on: save on a thread of its own (the request comes from
+    the console-input, console or vCPU thread, none of which may wait for the pause)."""
+
+    def __init__(self, machine, args, out):
+        self.machine, self.args, self.out = machine, args, out
+        self.threads = []
+        self.count = 0
+
+    def _directory(self) -> str:
+        import time
+        given = getattr(self.args, "snapshot_dir", None)
+        if given and self.count == 0:
+            return given
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = given or f"pyvmm-snapshot-{stamp}"
+        return base if self.count == 0 else f"{base}.{self.count}"
+
+    def _save(self, end: bool) -> None:
+        from vmm.errors import UserError
+        directory = self._directory()
+        self.count += 1
+        try:
+            info = self.machine.snapshot(directory, end=end)
+        except UserError as e:
+            err(f"snapshot failed: {e}", self.out)
+            if end:
+                self.machine.fail(e)
+            return
+        except BaseException as e:  # noqa: BLE001 - a bug: say it, end the VM
+            err(f"snapshot failed: {type(e).__name__}: {e}", self.out)
+            self.machine.fail(e)
+            return
+        err(f"snapshot saved to {directory} ({info.memory_stored / (1 << 20):.1f} MiB of "
+            f"memory, {info.total_s * 1000:.0f} ms)", self.out)
+
+    def _start(self, end: bool) -> None:
+        import threading
+        t = threading.Thread(target=self._save, args=(end,), name="snapshot", daemon=True)
+        self.threads.append(t)
+        t.start()
+
+    def save_and_resume(self) -> None:
+        self._start(False)
+
+    def save_and_end(self) -> None:
+        self._start(True)
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join()
 
 
 def _write_stamps(path: str, machine) -> None:

@@ -95,6 +95,11 @@ def add_machine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-profile", choices=("auto", "host", "safe"), default="auto",
                    help="host: nothing hidden; safe: work around an emulation-only KVM; "
                         "auto: detect (default)")
+    add_loop_option(p)
+
+
+def add_loop_option(p: argparse.ArgumentParser) -> None:
+    """--loop (also on its own: a restored VM chooses only how it runs)."""
     p.add_argument("--loop", choices=("shim", "python"), default=None,
                    help="vCPU run loop: the C shim (default) or the pure-Python twin")
 
