@@ -305,3 +305,11 @@ def test_no_error_message_spans_lines(snap):
     with pytest.raises(UserError) as e:
         read_snapshot(str(snap))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["state.json", "disk0.overlay", "memory"])
+def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(snap, name):
+    (snap / name).unlink()
+    os.mkfifo(snap / name)
+    with pytest.raises(SnapshotError, match=rf"{name} is not a regular file$"):
+        read_snapshot(str(snap))

@@ -74,6 +74,9 @@ MAX_STATE_BYTES = 64 << 20
 #: Names of the extra files: plain names in the snapshot directory, no dot first.
 _FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _B64 = "$b64"
+#: O_NONBLOCK: a FIFO put where a file should be fails the regular-file check instead of
+#: hanging the open (it changes nothing for a regular file).
+_O_READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
 _HASH_CHUNK = 1 << 20
 
 
@@ -187,7 +190,7 @@ def data_extents(path: str) -> list[tuple[int, int]]:
     A filesystem without hole support reports the whole file as one extent (the kernel's
     generic lseek does), as does one whose lseek refuses SEEK_DATA.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, _O_READ)
     try:
         size = os.fstat(fd).st_size
         extents, off = [], 0
@@ -214,7 +217,7 @@ def _extents_digest(extents: list[tuple[int, int]]) -> str:
 
 def _sha256_and_fsync(path: str, *, sync: bool) -> tuple[int, str]:
     """(size, sha256 hex) of a regular file; fsynced first when ``sync``."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, _O_READ)
     try:
         st = os.fstat(fd)
         if not _is_regular(st.st_mode):
@@ -428,8 +431,14 @@ def _load_state(directory: str) -> dict:
         what = "is not a directory" if os.path.exists(directory) else "does not exist"
         raise SnapshotError(f"snapshot {directory} {what}")
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_STATE_BYTES + 1)
+        fd = os.open(path, _O_READ)
+        try:
+            if not _is_regular(os.fstat(fd).st_mode):
+                raise SnapshotError(f"{path} is not a regular file")
+            with open(fd, "rb", closefd=False) as f:
+                raw = f.read(MAX_STATE_BYTES + 1)
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         raise SnapshotError(f"{directory} is not a pyvmm snapshot (it has no {STATE_FILE})") from None
     except OSError as e:
