@@ -216,9 +216,9 @@ class Vm:
         return s
 
     def set_clock(self, clock: S.kvm_clock_data) -> None:
-        """KVM_SET_CLOCK. The kernel accepts only KVM_CLOCK_REALTIME in ``flags`` as an
-        input (older kernels none at all); the flags KVM_GET_CLOCK reports about the
-        clock (TSC_STABLE, HOST_TSC) must be cleared by the caller."""
+        """KVM_SET_CLOCK. Of ``flags`` the kernel acts on KVM_CLOCK_REALTIME only; since
+        5.16 it tolerates TSC_STABLE and HOST_TSC (what KVM_GET_CLOCK reports), before
+        that it rejects any flag (EINVAL), so callers clear what they do not mean."""
         _ioctl(self.fd, K.KVM_SET_CLOCK, clock, "KVM_SET_CLOCK")
 
     def get_irqchip(self, chip_id: int) -> S.kvm_irqchip:

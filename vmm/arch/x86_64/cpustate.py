@@ -188,10 +188,11 @@ def restore_vm(vm, state: dict) -> None:
     """Put a saved state into ``vm`` (one with its irqchip and PIT created).
 
     Order: PIT2, CLOCK, the PIC master, PIC slave and IOAPIC. KVM_SET_CLOCK gets
-    flags = 0: the kernel rejects the flags KVM_GET_CLOCK reports (TSC_STABLE,
-    HOST_TSC), and KVM_CLOCK_REALTIME would advance kvmclock by the wall time since the
-    save; without it the guest's kvmclock continues from the saved value (it is off
-    anyway under ``nopv``, the safe profile on emulation-only hosts).
+    flags = 0: kernels before 5.16 reject the flags KVM_GET_CLOCK reports (TSC_STABLE,
+    HOST_TSC; 6.18 here takes them, and still refuses unknown bits), and
+    KVM_CLOCK_REALTIME would advance kvmclock by the wall time since the save; without
+    it the guest's kvmclock continues from the saved value (it is off anyway under
+    ``nopv``, the safe profile on emulation-only hosts).
 
     Raises:
         CpuStateError: a field is missing, malformed or names the wrong chip; nothing
