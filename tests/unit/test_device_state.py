@@ -588,16 +588,17 @@ def test_overlay_save_and_reopen(base, tmp_path):
         state = ov.save_to(snap, "disk0")
     finally:
         ov.close()
-    assert through_json(state) == {"v": 1, "data": "disk0.overlay", "map": "disk0.map",
+    assert through_json(state) == {"v": 1, "file": "disk0.overlay",
                                    "size": base.stat().st_size, "block_size": O.BLOCK_SIZE}
-    assert sorted(os.listdir(snap)) == ["disk0.map", "disk0.overlay"]
+    assert sorted(os.listdir(snap)) == ["disk0.overlay"]
     data_st = os.stat(snap / "disk0.overlay")
-    assert data_st.st_size == base.stat().st_size
+    nblocks = -(-base.stat().st_size // O.BLOCK_SIZE)
+    assert data_st.st_size == base.stat().st_size + -(-nblocks // 8) + 32
     assert data_st.st_blocks * 512 <= 64 * 4096  # sparse: only the written blocks
     saved = _files(snap)
     before = _overlay_fds()
     one = O.Overlay.reopen(RawDisk(base, read_only=True), [str(tmp_path)], snap, state)
-    two = open_disk(base, snapshot=True, overlay_from=(snap, state))
+    two = open_disk(base, snapshot=True, overlay_file=snap / "disk0.overlay")
     try:
         assert _read_all(one) == _read_all(two) == contents
         assert one.bitmap == two.bitmap and one.present(200) and not one.present(100)
@@ -644,19 +645,36 @@ def saved(base, tmp_path):
     return snap, state
 
 
+def _patch(path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset, os.SEEK_END)
+        f.write(data)
+
+
+def _cut(path, n: int) -> None:
+    """Drop ``n`` bytes before the block map and trailer (they stay at the end)."""
+    raw = path.read_bytes()
+    path.write_bytes(raw[:4096] + raw[4096 + n:])
+
+
 @pytest.mark.parametrize("breakit", [
     lambda snap, s: mutated(s, size=s["size"] + 512),
     lambda snap, s: mutated(s, block_size=512),
-    lambda snap, s: mutated(s, data="../base.img"),
-    lambda snap, s: mutated(s, map="/etc/passwd"),
-    lambda snap, s: mutated(s, map=".hidden"),
+    lambda snap, s: mutated(s, file="../base.img"),
+    lambda snap, s: mutated(s, file="/etc/passwd"),
+    lambda snap, s: mutated(s, file=".hidden"),
+    lambda snap, s: mutated(s, file=None),
     lambda snap, s: mutated(s, v=2),
     lambda snap, s: mutated(s, extra=1),
-    lambda snap, s: (os.unlink(snap / "disk0.map"), s)[1],
-    lambda snap, s: ((snap / "disk0.map").write_bytes(b"\0"), s)[1],
-    lambda snap, s: ((snap / "disk0.map").write_bytes(
-        (snap / "disk0.map").read_bytes()[:-1] + b"\xff"), s)[1],  # bits past the end
-    lambda snap, s: (os.truncate(snap / "disk0.overlay", 4096), s)[1],
+    lambda snap, s: (os.unlink(snap / "disk0.overlay"), s)[1],
+    lambda snap, s: (os.mkfifo(snap / "fifo"), mutated(s, file="fifo"))[1],
+    lambda snap, s: ((snap / "disk0.overlay").write_bytes(b"\0" * 31), s)[1],
+    lambda snap, s: (_patch(snap / "disk0.overlay", -32, b"PYVMMCOX"), s)[1],  # magic
+    lambda snap, s: (_patch(snap / "disk0.overlay", -24, b"\2"), s)[1],  # version
+    lambda snap, s: (_patch(snap / "disk0.overlay", -20, b"\0\2"), s)[1],  # block size
+    lambda snap, s: (_patch(snap / "disk0.overlay", -16, b"\0\0\0\0\0\1"), s)[1],  # size
+    lambda snap, s: (_patch(snap / "disk0.overlay", -33, b"\xff"), s)[1],  # past the end
+    lambda snap, s: (_cut(snap / "disk0.overlay", 4096), s)[1],  # bytes missing
 ])
 def test_overlay_bad_saved_state_refused(base, saved, breakit):
     snap, state = saved
@@ -673,7 +691,11 @@ def test_overlay_bad_saved_state_refused(base, saved, breakit):
     assert _overlay_fds() == before
     with pytest.raises(ValueError):  # open_disk closes the base itself
         open_disk(base, snapshot=True, overlay_from=(snap, bad))
+    if bad == state:  # the file itself is bad: opening it directly fails the same way
+        with pytest.raises(ValueError):
+            open_disk(base, snapshot=True, overlay_file=snap / "disk0.overlay")
     RawDisk(base).close()  # no lock left behind
+    assert _overlay_fds() == before
 
 
 def test_blk_save_disk_and_reopen(tmp_path, mem, mem2):
@@ -689,7 +711,7 @@ def test_blk_save_disk_and_reopen(tmp_path, mem, mem2):
         state = env.t.save()
     finally:
         env.close()
-    assert saved["v"] == 1 and saved["overlay"]["data"] == "virtio-blk0.overlay"
+    assert saved["v"] == 1 and saved["overlay"]["file"] == "virtio-blk0.overlay"
     files = _files(snap)
     twin = Twin(env, mem2, disk, snapshot=True, saved_disk=(snap, through_json(saved)))
     try:
@@ -712,3 +734,26 @@ def test_blk_save_disk_and_reopen(tmp_path, mem, mem2):
     with pytest.raises(ValueError):
         B.VirtioBlk(disk, snapshot=True, saved_disk=(snap, {"v": 1}))
     RawDisk(disk).close()  # every failed open let go of the image
+
+
+def test_blk_save_overlay_one_file(tmp_path, mem):
+    """The one-file form the snapshot writer uses: save_overlay(path), overlay_file=."""
+    disk = tmp_path / "disk.img"
+    image = pattern(DISK_SECTORS * 512)
+    disk.write_bytes(image)
+    env = Env(disk, mem, snapshot=True)
+    try:
+        _blk_request(env, B.VIRTIO_BLK_T_OUT, 7, pattern(1536, seed=8))
+        env.dev.save_overlay(tmp_path / "disk0.overlay")
+    finally:
+        env.close()
+    saved = (tmp_path / "disk0.overlay").read_bytes()
+    with B.VirtioBlk(disk, snapshot=True, overlay_file=tmp_path / "disk0.overlay") as dev:
+        assert _read_all(dev.backend)[7 * 512:10 * 512] == pattern(1536, seed=8)
+        _write(dev.backend, 0, b"n" * 4096)
+    assert (tmp_path / "disk0.overlay").read_bytes() == saved and disk.read_bytes() == image
+    with B.VirtioBlk(disk) as raw, pytest.raises(DiskError):
+        raw.save_overlay(tmp_path / "raw.overlay")
+    with pytest.raises(DiskError):
+        B.VirtioBlk(disk, overlay_file=tmp_path / "disk0.overlay")  # not a snapshot disk
+    assert not (tmp_path / "raw.overlay").exists()

@@ -24,7 +24,8 @@ __all__ = ["CACHE_MODES", "DiskBackend", "DiskError", "RawDisk", "open_disk"]
 
 def open_disk(path: str | os.PathLike, *, read_only: bool = False,
               cache: str = "writeback", snapshot: bool = False,
-              overlay_from: tuple[str | os.PathLike, dict] | None = None) -> DiskBackend:
+              overlay_from: tuple[str | os.PathLike, dict] | None = None,
+              overlay_file: str | os.PathLike | None = None) -> DiskBackend:
     """Open a disk image for a VM.
 
     Args:
@@ -40,6 +41,8 @@ def open_disk(path: str | os.PathLike, *, read_only: bool = False,
             what ``Overlay.save_to`` saved in ``directory`` (its returned ``state``),
             copied into the new overlay (overlay.py ``Overlay.reopen``); the saved files
             are only read. Needs ``snapshot`` and not ``read_only``.
+        overlay_file: the same from a file ``Overlay.save_file`` wrote (self-describing;
+            ``Overlay.open_file``).
     Returns:
         The backend; the caller closes it (``close`` or ``with``).
     Raises:
@@ -47,7 +50,7 @@ def open_disk(path: str | os.PathLike, *, read_only: bool = False,
             ``overlay_from`` cannot be used (``overlay.OverlayStateError``, also a
             ValueError).
     """
-    if overlay_from is not None and (not snapshot or read_only):
+    if (overlay_from is not None or overlay_file is not None) and (not snapshot or read_only):
         raise DiskError(f"{os.fspath(path)}: a saved overlay needs a snapshot disk "
                         "that is not read-only")
     if not snapshot or read_only:
@@ -55,6 +58,9 @@ def open_disk(path: str | os.PathLike, *, read_only: bool = False,
     from . import overlay  # tempfile & co.: only for snapshot disks
     base = RawDisk(path, read_only=True, cache=cache)
     try:
+        if overlay_file is not None:
+            return overlay.Overlay.open_file(base, overlay.overlay_dirs(base.path),
+                                             overlay_file)
         if overlay_from is not None:
             directory, state = overlay_from
             return overlay.Overlay.reopen(base, overlay.overlay_dirs(base.path), directory,

@@ -20,14 +20,19 @@ it when the last fd closes -- also when the VMM is killed with SIGKILL.
   back to the base.)
 * Nothing needs to survive, so there is nothing to flush: ``flush`` returns at once.
 
-Snapshots: :meth:`Overlay.save_to` writes the overlay's data (a sparse file: only the
-blocks in the overlay, and of those only the ones not all zeros, take space) and its
-block map into a snapshot directory, and returns the plain-data state naming them.
-:meth:`Overlay.reopen` builds a new overlay over the same base from those files: a
-new private unlinked file like any overlay's, into which the saved blocks are copied,
-so the snapshot's files are only ever read -- restoring one snapshot twice gives two
-overlays that share nothing writable. ``open_disk(..., snapshot=True,
-overlay_from=(directory, state))`` (vmm/disk/__init__.py) does that for a path.
+Snapshots: :meth:`Overlay.save_file` writes the overlay into one self-describing
+file: bytes ``[0, size)`` are the disk's blocks that are in the overlay at their own
+offsets and holes elsewhere (sparse: only the blocks in the overlay, and of those only
+the ones not all zeros, take space), then the block map (one bit per block, as in
+memory), then a 32-byte trailer (magic ``PYVMMCOW``, le32 version 1, le32 block size,
+le64 disk size, le64 reserved). :meth:`Overlay.save_to` does that into a snapshot
+directory and returns a plain-data state naming the file. :meth:`Overlay.open_file`
+(or :meth:`Overlay.reopen` with that state) builds a new overlay over the same base
+from it: a new private unlinked file like any overlay's, into which the saved blocks
+are copied, so the snapshot's file is only ever read -- restoring one snapshot twice
+gives two overlays that share nothing writable. ``open_disk(..., snapshot=True,
+overlay_file=path)`` or ``overlay_from=(directory, state)`` (vmm/disk/__init__.py)
+does that for a path.
 
 Memory is bounded by the image size: the bitmap holds one bit per block
 (size / 32 KiB bytes: 32 MiB for a 1 TiB image). Disk use of the overlay is bounded by
@@ -42,6 +47,8 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
+import struct
 import tempfile
 
 from .base import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, NO_FALLOCATE, DiskBackend,
@@ -71,7 +78,10 @@ class OverlayStateError(OverlayError, ValueError):
 #: Bytes copied at a time when saving or reopening an overlay.
 COPY_CHUNK = 1 << 20
 #: The keys of Overlay.save_to()'s state (besides "v").
-_STATE_KEYS = ("data", "map", "size", "block_size")
+_STATE_KEYS = ("file", "size", "block_size")
+#: The end of a saved overlay file: magic, version, block size, disk size, reserved.
+_TRAILER = struct.Struct("<8sIIQQ")
+_MAGIC = b"PYVMMCOW"
 
 
 def _check_name(name: object, what: str) -> str:
@@ -174,114 +184,138 @@ class Overlay(DiskBackend):
                                + "; ".join(errors) + "); set TMPDIR to a writable directory")
 
     # -- snapshots (see the module docstring) ---------------------------------------
-    def save_to(self, directory: str | os.PathLike, name: str) -> dict:
-        """Write this overlay into ``directory`` as ``NAME.overlay`` (the data, sparse)
-        and ``NAME.map`` (the block map), each through a temporary name and a rename,
-        synced; returns the state that :meth:`reopen` takes.
+    def save_file(self, path: str | os.PathLike) -> None:
+        """Write this overlay into one self-describing file at ``path`` (the layout is
+        in the module docstring), through a temporary name and a rename, synced.
 
         Call it while no request is being served (the VM paused): an overlay is not
         locked (see the module docstring).
 
-        Returns:
-            ``{"v": 1, "data": file name, "map": file name, "size": bytes,
-            "block_size": BLOCK_SIZE}`` (names relative to ``directory``).
         Raises:
-            OverlayStateError: ``name`` is not a plain file name.
-            OSError: the files cannot be written.
+            OSError: the file cannot be written.
         """
-        directory = os.fspath(directory)
-        _check_name(name, "overlay name")
-        data_name, map_name = f"{name}.overlay", f"{name}.map"
-        bitmap = bytes(self.bitmap)
-
-        def write(fname: str, fill) -> None:
-            final = os.path.join(directory, fname)
-            tmp = os.path.join(directory, f".{fname}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                fill(fd)
-                os.fsync(fd)
-            except BaseException:
-                os.close(fd)
-                os.unlink(tmp)
-                raise
-            os.close(fd)
-            os.replace(tmp, final)
-
-        def fill_data(fd: int) -> None:
+        path = os.fspath(path)
+        directory, fname = os.path.split(path)
+        tmp = os.path.join(directory, f".{fname}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
             os.ftruncate(fd, self.size)
             _copy_blocks(self.runs(0, self.nblocks), self.size, self.fd, fd)
-
-        def fill_map(fd: int) -> None:
-            if os.write(fd, bitmap) != len(bitmap):
+            tail = bytes(self.bitmap) + _TRAILER.pack(_MAGIC, 1, BLOCK_SIZE, self.size, 0)
+            if os.pwrite(fd, tail, self.size) != len(tail):
                 raise OSError(errno.EIO, "short write")
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, path)
 
-        write(data_name, fill_data)
-        write(map_name, fill_map)
-        return {"v": 1, "data": data_name, "map": map_name, "size": self.size,
-                "block_size": BLOCK_SIZE}
+    def save_to(self, directory: str | os.PathLike, name: str) -> dict:
+        """:meth:`save_file` into ``directory`` as ``NAME.overlay``; returns the state
+        :meth:`reopen` takes: ``{"v": 1, "file": "NAME.overlay", "size": bytes,
+        "block_size": BLOCK_SIZE}``.
+
+        Raises:
+            OverlayStateError: ``name`` is not a plain file name.
+            OSError: the file cannot be written.
+        """
+        fname = _check_name(f"{name}.overlay" if isinstance(name, str) else name,
+                            "overlay name")
+        self.save_file(os.path.join(os.fspath(directory), fname))
+        return {"v": 1, "file": fname, "size": self.size, "block_size": BLOCK_SIZE}
 
     @classmethod
     def reopen(cls, base: DiskBackend, dirs: list[str], directory: str | os.PathLike,
                state: dict) -> "Overlay":
-        """A new overlay over ``base`` holding what :meth:`save_to` wrote into
-        ``directory``: the saved blocks are copied into a new private unlinked overlay
-        file (in one of ``dirs``); the saved files are only read.
+        """:meth:`open_file` of the file that ``state`` (from :meth:`save_to`) names in
+        ``directory``, after checking ``state``.
 
         Raises:
             OverlayStateError: ``state`` is not one save_to returns, names a file
-                outside ``directory``, is for a disk of another size, or its files are
-                missing, unreadable or of the wrong size (the base stays open: the
-                caller closes it, as with the constructor).
-            OverlayError: no overlay file could be created.
+                outside ``directory``, or is for a disk of another size; or see
+                :meth:`open_file`.
         """
-        directory = os.fspath(directory)
         what = f"{base.path}: saved overlay"
         if not isinstance(state, dict) or state.get("v") != 1 \
                 or set(state) != {"v", *_STATE_KEYS}:
             raise OverlayStateError(f"{what}: the state is not a version 1 overlay state")
-        data_name = _check_name(state["data"], f"{what}: data file")
-        map_name = _check_name(state["map"], f"{what}: map file")
+        fname = _check_name(state["file"], f"{what}: file")
         size, block_size = state["size"], state["block_size"]
         if type(block_size) is not int or block_size != BLOCK_SIZE:
             raise OverlayStateError(f"{what}: block size {block_size!r}, not {BLOCK_SIZE}")
         if type(size) is not int or size != base.size:
             raise OverlayStateError(f"{what}: it is of a {size!r}-byte disk; the image now "
                                     f"has {base.size} bytes")
+        return cls.open_file(base, dirs, os.path.join(os.fspath(directory), fname))
+
+    @classmethod
+    def open_file(cls, base: DiskBackend, dirs: list[str],
+                  path: str | os.PathLike) -> "Overlay":
+        """A new overlay over ``base`` holding what :meth:`save_file` wrote at ``path``:
+        the saved blocks are copied into a new private unlinked overlay file (in one of
+        ``dirs``); the saved file is only read.
+
+        Raises:
+            OverlayStateError: the file is missing, unreadable, not a saved overlay, of
+                another block size or of a disk of another size than ``base`` (the base
+                stays open: the caller closes it, as with the constructor).
+            OverlayError: no overlay file could be created.
+        """
+        path = os.fspath(path)
+        what = f"{base.path}: saved overlay {path}"
+        size = base.size
         nblocks = -(-size // BLOCK_SIZE)
-        map_path = os.path.join(directory, map_name)
-        data_path = os.path.join(directory, data_name)
+        map_len = -(-nblocks // 8)
         try:
-            with open(map_path, "rb") as f:
-                bitmap = f.read(-(-nblocks // 8) + 1)
-            data_fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO put in a snapshot must not hang the restore (it is
+            # refused below); a regular file ignores the flag.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as e:
-            raise OverlayStateError(f"{what}: cannot read {e.filename}: {e.strerror}") \
-                from None
+            raise OverlayStateError(f"{what}: cannot open it: {e.strerror}") from None
         try:
-            if len(bitmap) != -(-nblocks // 8):
-                raise OverlayStateError(f"{what}: {map_path} holds {len(bitmap)} bytes, "
-                                        f"not {-(-nblocks // 8)}")
-            if nblocks & 7 and bitmap[-1] >> (nblocks & 7):
-                raise OverlayStateError(f"{what}: {map_path} marks blocks past the end")
-            if os.fstat(data_fd).st_size != size:
-                raise OverlayStateError(f"{what}: {data_path} is not {size} bytes long")
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise OverlayStateError(f"{what}: not a regular file")
+                total = st.st_size
+                trailer = os.pread(fd, _TRAILER.size, total - _TRAILER.size) \
+                    if total >= _TRAILER.size else b""
+                if len(trailer) != _TRAILER.size:
+                    raise OverlayStateError(f"{what}: too short to be a saved overlay")
+                magic, version, block_size, saved_size, _ = _TRAILER.unpack(trailer)
+                if magic != _MAGIC or version != 1:
+                    raise OverlayStateError(f"{what}: not a version 1 saved overlay")
+                if block_size != BLOCK_SIZE or saved_size != size:
+                    raise OverlayStateError(
+                        f"{what}: of a {saved_size}-byte disk in {block_size}-byte "
+                        f"blocks; the image has {size} bytes, in {BLOCK_SIZE}-byte blocks")
+                if total != size + map_len + _TRAILER.size:
+                    raise OverlayStateError(f"{what}: {total} bytes long, not "
+                                            f"{size + map_len + _TRAILER.size}")
+                bitmap = os.pread(fd, map_len, size)
+                if len(bitmap) != map_len:
+                    raise OverlayStateError(f"{what}: the block map is truncated")
+                if nblocks & 7 and bitmap[-1] >> (nblocks & 7):
+                    raise OverlayStateError(f"{what}: the block map marks blocks past "
+                                            "the end of the disk")
+            except OSError as e:
+                raise OverlayStateError(f"{what}: cannot read it: {e.strerror}") from None
             overlay = cls(base, dirs)
             try:
                 overlay.bitmap[:] = bitmap
-                _copy_blocks(overlay.runs(0, nblocks), size, data_fd, overlay.fd)
-            except OSError as e:
+                _copy_blocks(overlay.runs(0, nblocks), size, fd, overlay.fd)
+            except BaseException as e:
                 os.close(overlay.fd)  # not close(): the base is the caller's to close
                 overlay.fd = -1
-                raise OverlayStateError(f"{what}: cannot copy {data_path}: "
-                                        f"{e.strerror}") from None
-            except BaseException:
-                os.close(overlay.fd)
-                overlay.fd = -1
+                if isinstance(e, OSError):
+                    raise OverlayStateError(f"{what}: cannot copy it: {e.strerror}") \
+                        from None
                 raise
             return overlay
         finally:
-            os.close(data_fd)
+            os.close(fd)
 
     def close(self) -> None:
         """Close the overlay file (the kernel frees it: it has no name), then the base."""

@@ -21,7 +21,9 @@ image does not keep). The per-activation state (queues, memory) comes back throu
 transport's activation. The disk's contents are not in the state: the machine records
 the image's path, size and mtime as dependencies; a snapshot disk's overlay, which
 lives in no image, is saved by :meth:`VirtioBlk.save_disk` into the snapshot directory
-and reopened by ``VirtioBlk(path, ..., snapshot=True, saved_disk=(directory, state))``.
+and reopened by ``VirtioBlk(path, ..., snapshot=True, saved_disk=(directory, state))``
+-- or, as one self-describing file, by :meth:`VirtioBlk.save_overlay` and
+``VirtioBlk(path, ..., snapshot=True, overlay_file=path)``.
 """
 
 from __future__ import annotations
@@ -148,6 +150,8 @@ class VirtioBlk:
             returned for this disk into snapshot ``directory``: a snapshot disk's
             overlay starts with the saved one's contents (copied: the snapshot's files
             are only read). Not with a ``DiskBackend`` for ``path``.
+        overlay_file: the same from the one file :meth:`save_overlay` wrote; needs
+            ``snapshot`` (and not ``read_only``).
     Raises:
         BlockError: the image is missing, a directory, unreadable, locked by another
             VM, no overlay file can be created, or an option is invalid.
@@ -163,7 +167,8 @@ class VirtioBlk:
     def __init__(self, path: str | os.PathLike | DiskBackend, *, read_only: bool = False,
                  serial: str | None = None, cache: str = "writeback",
                  snapshot: bool = False,
-                 saved_disk: tuple[str | os.PathLike, dict] | None = None):
+                 saved_disk: tuple[str | os.PathLike, dict] | None = None,
+                 overlay_file: str | os.PathLike | None = None):
         sid = None
         if serial is not None:  # checked first: a bad option opens nothing
             try:
@@ -173,9 +178,10 @@ class VirtioBlk:
             if not sid and serial or len(sid) > VIRTIO_BLK_ID_BYTES:
                 raise BlockError(f"disk serial {serial!r} must be at most 20 ASCII characters")
         overlay_from = None
+        if (saved_disk is not None or overlay_file is not None) \
+                and isinstance(path, DiskBackend):
+            raise BlockError("a saved disk needs a path, not an open disk backend")
         if saved_disk is not None:
-            if isinstance(path, DiskBackend):
-                raise BlockError("saved_disk needs a path, not an open disk backend")
             directory, disk_state = saved_disk
             fields(disk_state, "virtio-blk disk", ("overlay",))
             overlay_state = disk_state["overlay"]
@@ -191,7 +197,7 @@ class VirtioBlk:
             backend = path
         else:
             backend = open_disk(path, read_only=read_only, cache=cache, snapshot=snapshot,
-                                overlay_from=overlay_from)
+                                overlay_from=overlay_from, overlay_file=overlay_file)
         #: Where the data is (vmm/disk): every request's I/O goes through it.
         self.backend = backend
         self.path = backend.path
@@ -296,6 +302,20 @@ class VirtioBlk:
             OSError: the files cannot be written; OverlayStateError: a bad ``name``.
         """
         return {"v": 1, "overlay": self.backend.save_to(directory, name)}
+
+    def save_overlay(self, path: str | os.PathLike) -> None:
+        """Save a snapshot disk's overlay into the one self-describing file ``path``
+        (vmm/disk/overlay.py ``Overlay.save_file``), which ``overlay_file=`` reopens;
+        call it with the VM paused.
+
+        Raises:
+            BlockError: this is not a writable snapshot disk (it has no overlay).
+            OSError: the file cannot be written.
+        """
+        save_file = getattr(self.backend, "save_file", None)
+        if save_file is None:
+            raise BlockError(f"{self.path} is not a snapshot disk: it has no overlay to save")
+        save_file(path)
 
     # -- VirtioDevice ----------------------------------------------------------------------
     def read_config(self, offset: int, size: int) -> int:
