@@ -63,6 +63,7 @@ T_READY = ord("Y")
 T_STDOUT = ord("O")
 T_STDERR = ord("E")
 T_EXIT = ord("X")
+T_INIT = ord("I")
 GUEST_FRAME_TYPES = frozenset((T_READY, T_STDOUT, T_STDERR, T_EXIT))
 
 HEADER = struct.Struct("<BI")
@@ -274,6 +275,8 @@ class Guest:
         boot_timeout: seconds to wait for the agent; the VM is stopped after that.
         console: optional callable receiving console (ttyS0) bytes as they come (on
             the VM's console thread).
+        snapshot_cache: restore from / save to the cache of booted guests
+            (vmm.snapshot.cache; also off with PYVMM_SNAPSHOT_CACHE=0).
 
     Raises (from :meth:`start`):
         GuestError: the guest did not come up (the message has the console tail).
@@ -286,7 +289,7 @@ class Guest:
                  scratch_size: str | int | None = None, cmdline: str = "",
                  cpu_profile: str = "auto", loop: str | None = None,
                  boot_timeout: float = 600, console: Callable[[bytes], None] | None = None,
-                 rootfs: str | os.PathLike | None = None):
+                 rootfs: str | os.PathLike | None = None, snapshot_cache: bool = True):
         from vmm.memory import parse_size
 
         self.kernel = Path(kernel) if kernel is not None else None
@@ -308,6 +311,11 @@ class Guest:
         self.cpu_profile = cpu_profile
         self.loop = loop
         self.boot_timeout = boot_timeout
+        #: Start from a cached snapshot of this guest's shape when there is one, and
+        #: save one after booting when there is not (vmm.snapshot.cache; guests with
+        #: disks always boot). True after start() if this guest was restored.
+        self.snapshot_cache = snapshot_cache
+        self.restored = False
         self._console_sink = console
         self.name = f"pyvmm-guest-{next(_ids)}"
         #: Things worth telling a user once (e.g. that the host is emulation-only).
@@ -387,15 +395,22 @@ class Guest:
             setup = linux.prepare(self.cpu_profile, 1,
                                   extra=" ".join(x for x in (*extra, self.cmdline) if x))
         self.notes.extend(setup.notes)
+        loop = self.loop or default_loop()
         config = MachineConfig(kernel=Path(kernel), mem_size=self.mem_size, kind="linux",
                                initrd=Path(initrd), cmdline=setup.cmdline,
-                               loop=self.loop or default_loop(), console=self._on_console,
+                               loop=loop, console=self._on_console,
                                markers={defaultguest.READY_MARKER.encode(): "ready"},
-                               quirks=setup.quirks, disks=disks, serial2=self._on_serial2)
-        self._machine = Machine(config)
+                               quirks=setup.quirks, disks=disks, serial2=self._on_serial2,
+                               cpu_profile=setup.profile)
+        cache_key = self._cache_key(config) if not disks else None
+        self._machine = self._restore(cache_key, loop) if cache_key else None
+        if self._machine is None:
+            self._machine = Machine(config)
         self.notes.extend(self._machine.notes)
         self._thread = threading.Thread(target=self._vm_main, name=self.name, daemon=True)
         self._thread.start()
+        if self.restored:
+            self._send_init()
         if not self._ready.wait(self.boot_timeout):
             self._stop(f"the guest agent was not ready after {self.boot_timeout} s")
             raise GuestTimeout(f"{self.name}: the guest agent was not ready after "
@@ -403,6 +418,8 @@ class Guest:
         if self._dead is not None:
             raise GuestError(f"{self.name}: {self._dead}", self.console_tail())
         self.times["ready"] = time.monotonic()
+        if cache_key and not self.restored:
+            self._save_to_cache(cache_key)
         for dev, path in mounts:
             q = shlex.quote(self._root + path)
             self.run(f"mkdir -p {q} && mount -t ext4 -o ro {dev} {q}", env=OUTSIDE_ROOT).check()
@@ -562,6 +579,61 @@ class Guest:
             shutil.rmtree(tmp, ignore_errors=True)
         self._fds.append(fd)
         return fd
+
+    # -- the snapshot cache (vmm.snapshot.cache) -------------------------------------------
+    def _cache_key(self, config) -> str | None:
+        from vmm.snapshot import cache
+        if not self.snapshot_cache or not cache.enabled():
+            return None
+        try:
+            return cache.key(kernel=config.kernel, initrd=config.initrd, mem_size=config.mem_size,
+                             cpus=config.cpus, cmdline=config.cmdline, quirks=config.quirks)
+        except OSError:
+            return None
+
+    def _restore(self, key: str, loop: str):
+        """A Machine restored from the cached snapshot for ``key``, or None (no such
+        snapshot, or one this host cannot use: then the guest boots)."""
+        from vmm.machine import Machine
+        from vmm.snapshot import cache, persist
+        from vmm.snapshot.format import SnapshotError
+        directory = cache.lookup(key)
+        if directory is None:
+            return None
+        try:
+            snap, config = persist.load(directory, console=self._on_console,
+                                        serial2=self._on_serial2, loop=loop)
+            machine = Machine(config, snapshot=snap)
+        except SnapshotError as e:
+            self.notes.append(f"note: cached snapshot not used ({e}); booting")
+            cache.remove(key)
+            return None
+        self.restored = True
+        self.times["restored"] = time.monotonic()
+        return machine
+
+    def _send_init(self) -> None:
+        """Tell a restored guest's agent the time and give it fresh entropy (agent.c,
+        INIT): guests restored from one snapshot must not share a clock or an RNG."""
+        now = time.time_ns()
+        payload = struct.pack("<qq", now // 1_000_000_000, now % 1_000_000_000) + os.urandom(64)
+        self._send(HEADER.pack(T_INIT, len(payload)) + payload,
+                   time.monotonic() + self.boot_timeout)
+
+    def _save_to_cache(self, key: str) -> None:
+        """Save the just-booted guest (agent ready, nothing run yet) for later guests.
+        A failure (a full disk, another process saving the same key first) only means
+        the next guest boots too."""
+        from vmm.snapshot import cache
+        from vmm.errors import UserError
+        try:
+            self._machine.snapshot(cache.path_for(key))
+        except (UserError, OSError) as e:
+            if cache.lookup(key) is None:
+                self.notes.append(f"note: could not save a snapshot for later guests ({e})")
+            return
+        cache.stored(key)
+        self.times["saved"] = time.monotonic()
 
     def _vm_main(self) -> None:
         try:

@@ -222,8 +222,13 @@ class Machine:
         # Imported here: a VM without disks (most test guests) starts faster without it.
         from vmm.devices.virtio.blk import VirtioBlk
         for i, disk in enumerate(self.config.disks):
+            saved = None
+            if disk.snapshot and self.restored_from is not None:
+                # The copy-on-write overlay belongs to the snapshot: a private copy of it.
+                from vmm.snapshot.persist import disk_file
+                saved = self.restored_from.path(disk_file(len(self.virtio)))
             blk = VirtioBlk(disk.path, read_only=disk.read_only, serial=disk.serial, cache=disk.cache,
-                            snapshot=disk.snapshot)
+                            snapshot=disk.snapshot, overlay_file=saved)
             self.attach_virtio(blk, f"virtio-blk{i}")
             self.disks.append(blk)
 

@@ -8,8 +8,15 @@
  * host -> guest
  *   'R' RUN      u32 argc, u32 envc, then NUL-terminated strings: workdir ("" = keep),
  *                argv[0..argc), env[0..envc) as "KEY=VALUE"
+ *   'I' INIT     i64 seconds, i64 nanoseconds (the host's CLOCK_REALTIME), then up to
+ *                MAX_ENTROPY bytes of host entropy: sent after a restore from a
+ *                snapshot, so that guests restored from one snapshot are not clones:
+ *                the agent sets the clock, credits the entropy to the kernel's pool
+ *                (RNDADDENTROPY) and reseeds the CRNG (RNDRESEEDCRNG), then answers
+ *                READY again
  * guest -> host
- *   'Y' READY    payload "pyvmm-agent 1" (protocol version); sent once at start
+ *   'Y' READY    payload "pyvmm-agent 1" (protocol version); sent once at start, and
+ *                after each INIT
  *   'O' STDOUT   a chunk of the command's standard output, as it comes
  *   'E' STDERR   a chunk of its standard error
  *   'X' EXIT     u8 how (0: exited, 1: killed by a signal), i32 code (status / signal)
@@ -34,7 +41,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <time.h>
 #include <sys/wait.h>
 #include <termios.h>
 #include <unistd.h>
@@ -44,6 +53,15 @@
 #define T_STDOUT 'O'
 #define T_STDERR 'E'
 #define T_EXIT 'X'
+#define T_INIT 'I'
+#define MAX_ENTROPY 512
+/* <linux/random.h>'s ioctls, spelled out: musl-gcc does not see the kernel headers. */
+#ifndef RNDADDENTROPY
+#define RNDADDENTROPY _IOW('R', 0x03, int[2])
+#endif
+#ifndef RNDRESEEDCRNG
+#define RNDRESEEDCRNG _IO('R', 0x07)
+#endif
 
 #define MAX_PAYLOAD (1u << 20) /* bound on what the host may send in one frame */
 #define CHUNK 4096
@@ -114,6 +132,11 @@ static void send_frame(uint8_t type, const void *payload, uint32_t len)
 static uint32_t le32(const unsigned char *p)
 {
 	return p[0] | p[1] << 8 | p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static uint64_t le64(const unsigned char *p)
+{
+	return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32;
 }
 
 static void on_sigchld(int sig)
@@ -276,6 +299,45 @@ bad:
 	}
 }
 
+/* INIT: the host's clock and entropy for a guest restored from a snapshot. Failures are
+ * reported on stderr (the console) and otherwise ignored: the guest still works. */
+static void init_after_restore(const unsigned char *p, uint32_t len)
+{
+	struct {
+		int entropy_count;
+		int buf_size;
+		unsigned char buf[MAX_ENTROPY];
+	} pool;
+	struct timespec ts;
+	uint32_t n;
+	int fd;
+
+	if (len < 16 || len > 16 + MAX_ENTROPY) {
+		fprintf(stderr, "pyvmm-agent: malformed INIT frame (%u bytes)\n", len);
+		return;
+	}
+	ts.tv_sec = (time_t)le64(p);
+	ts.tv_nsec = (long)le64(p + 8);
+	if (ts.tv_nsec < 0 || ts.tv_nsec >= 1000000000L || clock_settime(CLOCK_REALTIME, &ts) < 0)
+		perror("pyvmm-agent: clock_settime");
+	n = len - 16;
+	if (n == 0)
+		return;
+	fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+	if (fd < 0) {
+		perror("pyvmm-agent: /dev/urandom");
+		return;
+	}
+	pool.entropy_count = (int)(n * 8);
+	pool.buf_size = (int)n;
+	memcpy(pool.buf, p + 16, n);
+	if (ioctl(fd, RNDADDENTROPY, &pool) < 0)
+		perror("pyvmm-agent: RNDADDENTROPY");
+	if (ioctl(fd, RNDRESEEDCRNG) < 0)
+		perror("pyvmm-agent: RNDRESEEDCRNG");
+	close(fd);
+}
+
 int main(int argc, char **argv)
 {
 	const char *dev;
@@ -329,9 +391,12 @@ int main(int argc, char **argv)
 			die("malloc");
 		read_all(chan, payload, len);
 		payload[len] = '\0';
-		if (hdr[0] == T_RUN)
+		if (hdr[0] == T_RUN) {
 			run_command(payload, len);
-		else
+		} else if (hdr[0] == T_INIT) {
+			init_after_restore((const unsigned char *)payload, len);
+			send_frame(T_READY, ready, sizeof ready - 1);
+		} else
 			fprintf(stderr, "pyvmm-agent: unknown frame type %#x ignored\n", hdr[0]);
 		free(payload);
 	}

@@ -52,6 +52,9 @@ def add_parser(subparsers) -> None:
                    help="after CMD ends, copy GUESTPATH (file or tree) to HOSTPATH (repeatable)")
     r.add_argument("--scratch-size", default="256M", metavar="SIZE",
                    help="size of the scratch disk --copy-out copies through (default 256M)")
+    r.add_argument("--no-snapshot-cache", action="store_true",
+                   help="boot the guest even if a snapshot of a booted one is cached, and "
+                        "save none (the cache: pyvmm cache list)")
     r.add_argument("--console", action="store_true",
                    help="show the guest's console (kernel messages) on stderr")
     add_machine_options(r)
@@ -136,6 +139,7 @@ def main(args) -> int:
 
     old_term = signal.signal(signal.SIGTERM, on_term)
     guest = Guest(kernel=args.kernel, initrd=args.initrd, mem=args.mem, disks=disks,
+                  snapshot_cache=not args.no_snapshot_cache,
                   copy_in=copy_in, scratch_size=args.scratch_size if copy_out else None,
                   cmdline=args.cmdline, cpu_profile=args.cpu_profile, loop=args.loop,
                   boot_timeout=args.boot_timeout, rootfs=args.rootfs,
