@@ -19,7 +19,8 @@ def test_three_commands_in_one_guest(guest):
                    env={"X": "1"}, workdir="/tmp", stdout=chunks.append)
     assert r3.stdout == b"line 1\nline 2\nline 3\nx86_64\n" and b"".join(chunks) == r3.stdout
     console = guest.console
-    assert b"Linux version" in console and b"pyvmm: ready" in console
+    if not guest.restored:     # a guest restored from the snapshot cache did not boot
+        assert b"Linux version" in console and b"pyvmm: ready" in console
     assert b"line 1" not in console        # command output never reaches the console
 
 
