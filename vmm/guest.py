@@ -610,6 +610,7 @@ class Guest:
             return None
         self.restored = True
         self.times["restored"] = time.monotonic()
+        self.notes.append(f"note: started from a cached snapshot ({key})")
         return machine
 
     def _send_init(self) -> None:
