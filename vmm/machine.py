@@ -18,7 +18,7 @@ from collections import namedtuple
 from collections.abc import Callable
 
 from vmm import kvm as kvmlib
-from vmm.arch.x86_64 import bootparams, cpu, cpuid, layout, mptable
+from vmm.arch.x86_64 import cpu, cpuid, layout
 from vmm.bus import Bus
 from vmm.config import EXIT_STATUS, DiskConfig, ExitReason, MachineConfig, VmExit
 from vmm.console import ConsoleWatcher
@@ -29,7 +29,6 @@ from vmm.errors import UserError
 from vmm.exithandler import ExitHandler
 from vmm.iothread import IoThread
 from vmm.kvm import ioctls as K
-from vmm.loader import SymbolTable, load_initrd, load_kernel
 from vmm.memory import GuestMemory
 from vmm.vcpu import VcpuLoop, install_kick_handler, native
 from vmm.log import get_logger
@@ -281,6 +280,9 @@ class Machine:
         self.shim_serial.lsr = lsr
 
     def _load(self) -> None:
+        # Imported here: a restored VM loads no kernel (and starts faster without them).
+        from vmm.arch.x86_64 import bootparams, mptable
+        from vmm.loader import load_initrd, load_kernel
         cfg = self.config
         self.kernel = load_kernel(self.mem, cfg.kernel, mode=cfg.kernel_mode)
         if cfg.kind == "linux":
@@ -341,6 +343,7 @@ class Machine:
     def kernel_symbol(self, addr: int) -> str | None:
         """``function+offset/size`` for a guest code address, when symbols are known."""
         if self.config.system_map is not None:
+            from vmm.loader import SymbolTable
             symbols = SymbolTable.from_system_map(self.config.system_map)
         elif getattr(self, "kernel", None) is not None:
             symbols = self.kernel.symbols

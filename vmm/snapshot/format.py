@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import binascii
 import errno
-import hashlib
 import json
 import math
 import os
@@ -62,6 +61,7 @@ import time
 from collections import namedtuple
 
 from vmm.errors import UserError
+from vmm.paths import sha256
 
 FORMAT = "pyvmm-snapshot"
 #: The format version this pyvmm writes and the newest it reads.
@@ -212,7 +212,7 @@ def data_extents(path: str) -> list[tuple[int, int]]:
 
 
 def _extents_digest(extents: list[tuple[int, int]]) -> str:
-    return hashlib.sha256(";".join(f"{s}-{e}" for s, e in extents).encode("ascii")).hexdigest()
+    return sha256(";".join(f"{s}-{e}" for s, e in extents).encode("ascii")).hexdigest()
 
 
 def _sha256_and_fsync(path: str, *, sync: bool) -> tuple[int, str]:
@@ -224,7 +224,7 @@ def _sha256_and_fsync(path: str, *, sync: bool) -> tuple[int, str]:
             raise SnapshotError(f"{path} is not a regular file")
         if sync:
             os.fsync(fd)
-        h = hashlib.sha256()
+        h = sha256()
         while True:
             chunk = os.read(fd, _HASH_CHUNK)
             if not chunk:
@@ -328,7 +328,7 @@ def write_snapshot(directory: str, *, state: dict, memory, deps: dict,
                 "files": file_records,
                 "state": encoded_state,
             }
-            doc["sha256"] = hashlib.sha256(_canonical(doc)).hexdigest()
+            doc["sha256"] = sha256(_canonical(doc)).hexdigest()
             text = json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=True,
                               allow_nan=False).encode("ascii") + b"\n"
             fd = os.open(os.path.join(tmp, STATE_FILE),
@@ -458,7 +458,7 @@ def _load_state(directory: str) -> dict:
     if version > VERSION:
         raise SnapshotError(f"snapshot {directory} was written by a newer pyvmm (format {version}); "
                             f"this one reads format {VERSION}")
-    if not isinstance(doc.get("sha256"), str) or hashlib.sha256(_canonical(doc)).hexdigest() != doc["sha256"]:
+    if not isinstance(doc.get("sha256"), str) or sha256(_canonical(doc)).hexdigest() != doc["sha256"]:
         raise SnapshotError(f"{path} is corrupted (checksum mismatch)")
     try:
         _check_structure(doc)

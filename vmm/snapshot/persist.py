@@ -20,12 +20,12 @@ this module calls the state functions of the parts; it never issues an ioctl its
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
 
 from vmm import __version__
+from vmm.paths import sha256
 from vmm.snapshot.format import SnapshotError, read_snapshot, write_snapshot
 
 #: Bumped when what ``state`` holds changes shape (the file format has its own version).
@@ -45,7 +45,7 @@ def _disk_dep(disk) -> str:
 
 
 def _cpuid_digest(table) -> str:
-    h = hashlib.sha256()
+    h = sha256()
     for entry in table:
         h.update(bytes(entry))
     return h.hexdigest()[:32]
@@ -70,7 +70,7 @@ def host_deps(config, kvm, cpuid_table) -> dict:
         "quirk_int3": bool(config.quirks.complete_int3),
         "quirk_fwait": bool(config.quirks.complete_fwait),
         "cpuid": _cpuid_digest(cpuid_table),
-        "msrs": hashlib.sha256(repr(sorted(kvm.msr_index_list())).encode()).hexdigest()[:32],
+        "msrs": sha256(repr(sorted(kvm.msr_index_list())).encode()).hexdigest()[:32],
     }
     for i, disk in enumerate(config.disks):
         deps[f"disk{i}"] = _disk_dep(disk)
