@@ -472,8 +472,7 @@ class Machine:
                 self._pausing = False
                 return False
             for loop in self.loops:
-                loop.vcpu.immediate_exit = 1
-                loop.vcpu.run()               # returns at once (EINTR): pending I/O done
+                loop.vcpu.complete_pending_io()
             self.io.stop()
             self.paused = True
             self.times["paused"] = time.monotonic()
