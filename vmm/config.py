@@ -61,19 +61,29 @@ class DiskConfig:
     """One virtio-blk disk (the CLI's ``--disk PATH[,ro][,snapshot][,serial=ID][,cache=MODE]``).
 
     ``snapshot``: writes go to a throwaway overlay; the image itself is never modified.
+    ``path=None``: an empty drive, for a disk inserted later (``Machine.insert_disk``,
+    vmm/disk/empty.py). ``inserted``: this disk went into such a drive after boot (a
+    restore rebuilds the drive as it was negotiated; set by ``Machine.insert_disk``).
     """
 
-    def __init__(self, path: Path, read_only: bool = False, serial: str | None = None,
-                 cache: str = "writeback", snapshot: bool = False):
+    def __init__(self, path: Path | None, read_only: bool = False, serial: str | None = None,
+                 cache: str = "writeback", snapshot: bool = False, inserted: bool = False):
         self.path = path
         self.read_only = read_only
         self.serial = serial
         self.cache = cache
         self.snapshot = snapshot
+        self.inserted = inserted
+
+    @classmethod
+    def empty(cls) -> "DiskConfig":
+        """An empty drive."""
+        return cls(None)
 
     def __repr__(self) -> str:
         return (f"DiskConfig(path={self.path!r}, read_only={self.read_only}, "
-                f"serial={self.serial!r}, cache={self.cache!r}, snapshot={self.snapshot})")
+                f"serial={self.serial!r}, cache={self.cache!r}, snapshot={self.snapshot}, "
+                f"inserted={self.inserted})")
 
 
 def _discard(data: bytes) -> None:

@@ -227,9 +227,33 @@ class Machine:
                 from vmm.snapshot.persist import disk_file
                 saved = self.restored_from.path(disk_file(len(self.virtio)))
             blk = VirtioBlk(disk.path, read_only=disk.read_only, serial=disk.serial, cache=disk.cache,
-                            snapshot=disk.snapshot, overlay_file=saved)
+                            snapshot=disk.snapshot, overlay_file=saved, inserted=disk.inserted)
             self.attach_virtio(blk, f"virtio-blk{i}")
             self.disks.append(blk)
+
+    def insert_disk(self, index: int, disk: DiskConfig, backend=None) -> None:
+        """Put ``disk`` into empty drive ``index`` (``DiskConfig.empty()`` in the
+        config) of a running or paused VM; the guest is told with a configuration
+        change interrupt and sees the new capacity (Linux: /sys/block/vdX/size).
+        ``backend``: the disk already opened (vmm.disk.open_disk with ``disk``'s
+        options), which the machine then owns.
+
+        Raises:
+            MachineError: no such drive, or it is not empty.
+            BlockError: the disk cannot be opened (the drive stays empty).
+        """
+        if not 0 <= index < len(self.disks) or not self.disks[index].empty:
+            raise MachineError(f"drive {index} is not an empty drive of this VM")
+        if disk.path is None:
+            raise MachineError("insert_disk needs a disk with a path")
+        blk = self.disks[index]
+        slot = next(s for s in self.virtio if s.device is blk)
+        slot.transport.change_device(lambda: blk.insert(
+            disk.path if backend is None else backend, read_only=disk.read_only,
+            serial=disk.serial, cache=disk.cache, snapshot=disk.snapshot))
+        self.config.disks[index] = DiskConfig(disk.path, read_only=disk.read_only,
+                                              serial=disk.serial, cache=disk.cache,
+                                              snapshot=disk.snapshot, inserted=True)
 
     def attach_virtio(self, device, name: str) -> VirtioSlot:
         """Put a virtio device model on the MMIO bus behind a virtio-mmio transport.

@@ -36,12 +36,15 @@ STATE_VERSION = 1
 
 
 def _disk_dep(disk) -> str:
+    if disk.path is None:
+        return "empty drive"
     try:
         st = os.stat(disk.path)
     except OSError as e:
         raise SnapshotError(f"disk {disk.path}: {e.strerror}") from None
     return (f"{os.path.abspath(disk.path)} size={st.st_size} mtime_ns={st.st_mtime_ns} "
-            f"ro={int(disk.read_only)} snapshot={int(disk.snapshot)}")
+            f"ro={int(disk.read_only)} snapshot={int(disk.snapshot)}"
+            + (" inserted" if disk.inserted else ""))
 
 
 def _cpuid_digest(table) -> str:
@@ -104,8 +107,9 @@ def _config_state(cfg) -> dict:
         "cpu_profile": cfg.cpu_profile,
         "quirks": [bool(cfg.quirks.complete_int3), bool(cfg.quirks.complete_fwait)],
         "system_map": None if cfg.system_map is None else str(cfg.system_map),
-        "disks": [{"path": os.path.abspath(d.path), "read_only": bool(d.read_only),
-                   "serial": d.serial, "cache": d.cache, "snapshot": bool(d.snapshot)}
+        "disks": [{"path": None if d.path is None else os.path.abspath(d.path),
+                   "read_only": bool(d.read_only), "serial": d.serial, "cache": d.cache,
+                   "snapshot": bool(d.snapshot), "inserted": bool(d.inserted)}
                   for d in cfg.disks],
     }
 
@@ -173,8 +177,10 @@ def load(directory, **overrides):
         if snap.state.get("v") != STATE_VERSION:
             raise SnapshotError(f"snapshot {directory}: state version {snap.state.get('v')!r} "
                                 f"is not {STATE_VERSION}")
-        disks = [DiskConfig(Path(d["path"]), read_only=bool(d["read_only"]), serial=d["serial"],
-                            cache=str(d["cache"]), snapshot=bool(d["snapshot"]))
+        disks = [DiskConfig(None if d["path"] is None else Path(d["path"]),
+                            read_only=bool(d["read_only"]), serial=d["serial"],
+                            cache=str(d["cache"]), snapshot=bool(d["snapshot"]),
+                            inserted=bool(d.get("inserted", False)))
                  for d in c["disks"]]
         config = MachineConfig(
             kernel=Path(c["kernel"]), mem_size=int(c["mem_size"]), cpus=int(c["cpus"]),

@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 
 from vmm.devices.state import U64_MAX, DeviceStateError, blob, fields, uint
 from vmm.disk import CACHE_MODES, DiskBackend, DiskError, open_disk  # noqa: F401 (API)
+from vmm.disk.empty import EmptyDisk
 from vmm.log import get_logger, log_once
 from vmm.memory import GuestMemory
 
@@ -127,6 +128,24 @@ CONFIG_FIELDS = {
 }
 CONFIG_SIZE = 60  # through unused1[3] after write_zeroes_may_unmap
 
+#: Offered by every drive; an empty one (and a disk inserted into it) offers no more.
+_BASE_FEATURES = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_SEG_MAX)
+                  | (1 << VIRTIO_BLK_F_BLK_SIZE) | (1 << VIRTIO_BLK_F_FLUSH))
+
+
+def _serial_bytes(serial: str | None) -> bytes | None:
+    """The GET_ID bytes of a ``serial=`` option (None: derive one from the image)."""
+    if serial is None:
+        return None
+    try:
+        sid = serial.encode("ascii")
+    except UnicodeEncodeError:
+        sid = b""
+    if not sid and serial or len(sid) > VIRTIO_BLK_ID_BYTES:
+        raise BlockError(f"disk serial {serial!r} must be at most 20 ASCII characters")
+    return sid
+
+
 def _release_views(views: list[memoryview]) -> None:
     for v in views:
         v.release()
@@ -152,6 +171,10 @@ class VirtioBlk:
             are only read). Not with a ``DiskBackend`` for ``path``.
         overlay_file: the same from the one file :meth:`save_overlay` wrote; needs
             ``snapshot`` (and not ``read_only``).
+        inserted: the disk was put into an empty drive after the guest's driver had
+            negotiated (:meth:`insert`): offer what an empty drive offers, as that
+            drive did (a restore of a VM saved after the insertion rebuilds it so).
+            ``path=None`` is an empty drive (vmm/disk/empty.py).
     Raises:
         BlockError: the image is missing, a directory, unreadable, locked by another
             VM, no overlay file can be created, or an option is invalid.
@@ -168,15 +191,10 @@ class VirtioBlk:
                  serial: str | None = None, cache: str = "writeback",
                  snapshot: bool = False,
                  saved_disk: tuple[str | os.PathLike, dict] | None = None,
-                 overlay_file: str | os.PathLike | None = None):
-        sid = None
-        if serial is not None:  # checked first: a bad option opens nothing
-            try:
-                sid = serial.encode("ascii")
-            except UnicodeEncodeError:
-                sid = b""
-            if not sid and serial or len(sid) > VIRTIO_BLK_ID_BYTES:
-                raise BlockError(f"disk serial {serial!r} must be at most 20 ASCII characters")
+                 overlay_file: str | os.PathLike | None = None, inserted: bool = False):
+        sid = _serial_bytes(serial)  # checked first: a bad option opens nothing
+        if path is None:
+            path = EmptyDisk()
         overlay_from = None
         if (saved_disk is not None or overlay_file is not None) \
                 and isinstance(path, DiskBackend):
@@ -198,11 +216,33 @@ class VirtioBlk:
         else:
             backend = open_disk(path, read_only=read_only, cache=cache, snapshot=snapshot,
                                 overlay_from=overlay_from, overlay_file=overlay_file)
+        self.cache = cache
+        #: An empty drive (vmm/disk/empty.py) until :meth:`insert` gives it a disk.
+        self.empty = isinstance(backend, EmptyDisk)
+        self.inserted = inserted
+        self._use(backend, read_only, snapshot, sid)
+        features = _BASE_FEATURES
+        if self.empty or inserted:
+            pass    # what the empty drive offered when the driver negotiated
+        elif self.read_only:
+            features |= 1 << VIRTIO_BLK_F_RO
+        else:
+            if backend.supports_discard:
+                features |= 1 << VIRTIO_BLK_F_DISCARD
+            if backend.supports_write_zeroes:
+                features |= 1 << VIRTIO_BLK_F_WRITE_ZEROES
+        self.features = features
+        self._logged: set = set()
+        self._iov_max = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+        self.reset()
+
+    def _use(self, backend: DiskBackend, read_only: bool, snapshot: bool,
+             sid: bytes | None) -> None:
+        """Serve ``backend``: the attributes and config space derived from it."""
         #: Where the data is (vmm/disk): every request's I/O goes through it.
         self.backend = backend
         self.path = backend.path
         self.read_only = read_only = read_only or backend.read_only
-        self.cache = cache
         self.snapshot = snapshot and not read_only
         size = backend.size
         if size % SECTOR_SIZE:
@@ -213,21 +253,34 @@ class VirtioBlk:
         if sid is None:
             sid = backend.identity[:VIRTIO_BLK_ID_BYTES].encode("ascii")
         self._serial = sid.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
-
-        features = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_SEG_MAX)
-                    | (1 << VIRTIO_BLK_F_BLK_SIZE) | (1 << VIRTIO_BLK_F_FLUSH))
-        if read_only:
-            features |= 1 << VIRTIO_BLK_F_RO
-        else:
-            if backend.supports_discard:
-                features |= 1 << VIRTIO_BLK_F_DISCARD
-            if backend.supports_write_zeroes:
-                features |= 1 << VIRTIO_BLK_F_WRITE_ZEROES
-        self.features = features
         self._config = self._build_config()
-        self._logged: set = set()
-        self._iov_max = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-        self.reset()
+
+    def insert(self, path: str | os.PathLike | DiskBackend, *, read_only: bool = False,
+               serial: str | None = None, cache: str = "writeback",
+               snapshot: bool = False) -> None:
+        """Put a disk into this empty drive (the options are the constructor's).
+
+        The caller holds off request processing (the transport's
+        ``change_device``) and then raises the configuration-change interrupt
+        (§4.2.2: config_generation moves; the driver re-reads capacity, §5.2.4). The
+        features the driver negotiated stay as they are (§2.2: they are fixed once
+        FEATURES_OK is set): a read-only disk is not announced with
+        VIRTIO_BLK_F_RO but every write to it still fails (§5.2.6.2), and discard /
+        write-zeroes are not offered.
+
+        Raises:
+            BlockError: the drive is not empty, or the disk cannot be opened (the
+                drive stays empty).
+        """
+        if not self.empty:
+            raise BlockError(f"cannot insert {os.fspath(path)}: the drive holds {self.path}")
+        sid = _serial_bytes(serial)
+        backend = path if isinstance(path, DiskBackend) else \
+            open_disk(path, read_only=read_only, cache=cache, snapshot=snapshot)
+        self.cache = cache
+        self._use(backend, read_only, snapshot, sid)
+        self.empty = False
+        self.inserted = True
 
     def _build_config(self) -> bytes:
         cfg = bytearray(CONFIG_SIZE)

@@ -507,6 +507,14 @@ class VirtioMmioTransport:
         if fire:
             self._interrupt()
 
+    def change_device(self, change: Callable[[], None]) -> None:
+        """Run ``change`` -- the device model changing what it serves and its
+        configuration space (a disk inserted into an empty drive) -- with no request
+        being served, then send the configuration change notification."""
+        with self._io_lock:
+            change()
+        self.config_changed()
+
     def config_changed(self) -> None:
         """The device changed its configuration space (e.g. a resized disk) (§4.2.2)."""
         with self._lock:
