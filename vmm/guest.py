@@ -78,6 +78,10 @@ SIGNAL_EXIT_BASE = 128
 #: Console bytes kept by Guest.console (the oldest are dropped beyond this).
 CONSOLE_KEEP = 4 << 20
 
+#: Empty drives a guest using the snapshot cache has, for its disks (rootfs, --disk,
+#: copy-in images, scratch: a guest with more boots with its disks attached instead).
+EMPTY_DRIVES = 4
+
 #: Where a rootfs disk is mounted in the guest (guests/initramfs/init).
 ROOTFS_MOUNT = "/rootfs"
 #: Environment of the host's housekeeping commands: run outside a rootfs chroot.
@@ -181,6 +185,14 @@ class FrameParser:
             frames.append((ftype, bytes(self._buf[HEADER.size:end])))
             del self._buf[:end]
         return frames
+
+
+def init_frame() -> bytes:
+    """The INIT frame for an agent restored from a snapshot (agent.c): the host's
+    CLOCK_REALTIME and 64 bytes of host entropy."""
+    now = time.time_ns()
+    payload = struct.pack("<qq", now // 1_000_000_000, now % 1_000_000_000) + os.urandom(64)
+    return HEADER.pack(T_INIT, len(payload)) + payload
 
 
 # --------------------------------------------------------------------------------------
@@ -312,8 +324,8 @@ class Guest:
         self.loop = loop
         self.boot_timeout = boot_timeout
         #: Start from a cached snapshot of this guest's shape when there is one, and
-        #: save one after booting when there is not (vmm.snapshot.cache; guests with
-        #: disks always boot). True after start() if this guest was restored.
+        #: save one after booting when there is not (vmm.snapshot.cache; the disks are
+        #: inserted afterwards into empty drives). True after start() if restored.
         self.snapshot_cache = snapshot_cache
         self.restored = False
         self._console_sink = console
@@ -334,6 +346,8 @@ class Guest:
         self._ready = threading.Event()
         self._run_lock = threading.Lock()
         self._fds: list[int] = []           # unlinked images the VMM reads via /proc/self/fd
+        self._media: list = []              # disks opened, not yet inserted (closed here)
+        self._late_root = False             # a rootfs mounted after start: PYVMM_ROOT
         self._scratch_fd: int | None = None
         self._scratch_dev: str | None = None
         self._dead: str | None = None       # why no more commands can run
@@ -377,11 +391,10 @@ class Guest:
             default_kernel, default_initrd = defaultguest.default_guest()
             kernel = kernel or default_kernel
             initrd = initrd or default_initrd
+        # The disks in drive order (/dev/vda, ...): rootfs, --disk, copy-in, scratch.
         disks = [d if isinstance(d, DiskConfig) else DiskConfig(Path(d)) for d in self.disks]
-        extra = [defaultguest.AGENT_PARAM]
         if self.rootfs is not None:
             disks.insert(0, DiskConfig(self.rootfs, snapshot=True))
-            extra.append(f"{defaultguest.ROOTFS_PARAM}=/dev/vda")
         mounts = []
         for c in self.copy_in:
             fd = self._image(c.host_path)
@@ -391,6 +404,20 @@ class Guest:
             self._scratch_fd = self._image(None, self.scratch_size)
             self._scratch_dev = _vd(len(disks))
             disks.append(DiskConfig(Path(f"/proc/self/fd/{self._scratch_fd}"), cache="unsafe"))
+        # With the snapshot cache, every guest boots (or is restored) with the same
+        # EMPTY_DRIVES empty drives, so that one snapshot serves all of them, and its
+        # disks are inserted once the agent is ready (vmm/disk/empty.py).
+        late = self._cache_enabled() and len(disks) <= EMPTY_DRIVES
+        extra = [defaultguest.AGENT_PARAM]
+        if self.rootfs is not None and not late:
+            extra.append(f"{defaultguest.ROOTFS_PARAM}=/dev/vda")
+        media = []
+        if late:   # opened now: a disk that cannot be used fails before any boot
+            from vmm.disk import open_disk
+            for d in disks:
+                media.append(open_disk(d.path, read_only=d.read_only, cache=d.cache,
+                                       snapshot=d.snapshot))
+                self._media.append(media[-1])
         with _prepare_lock:   # the host probe is cached per process; probe it once
             setup = linux.prepare(self.cpu_profile, 1,
                                   extra=" ".join(x for x in (*extra, self.cmdline) if x))
@@ -400,9 +427,10 @@ class Guest:
                                initrd=Path(initrd), cmdline=setup.cmdline,
                                loop=loop, console=self._on_console,
                                markers={defaultguest.READY_MARKER.encode(): "ready"},
-                               quirks=setup.quirks, disks=disks, serial2=self._on_serial2,
-                               cpu_profile=setup.profile)
-        cache_key = self._cache_key(config) if not disks else None
+                               quirks=setup.quirks, serial2=self._on_serial2,
+                               disks=[DiskConfig.empty() for _ in range(EMPTY_DRIVES)]
+                               if late else disks, cpu_profile=setup.profile)
+        cache_key = self._cache_key(config) if late else None
         self._machine = self._restore(cache_key, loop) if cache_key else None
         if self._machine is None:
             self._machine = Machine(config)
@@ -420,9 +448,40 @@ class Guest:
         self.times["ready"] = time.monotonic()
         if cache_key and not self.restored:
             self._save_to_cache(cache_key)
-        for dev, path in mounts:
-            q = shlex.quote(self._root + path)
-            self.run(f"mkdir -p {q} && mount -t ext4 -o ro {dev} {q}", env=OUTSIDE_ROOT).check()
+        if media:
+            # One process does it all (agent.c --mount): processes are dear here.
+            ops = self._insert_media(disks, media)
+            for dev, path in mounts:
+                ops += ["ro", dev, self._root + path]
+            self.run(["/bin/pyvmm-agent", "--mount", *ops], env=OUTSIDE_ROOT).check()
+            self.times["mounted"] = time.monotonic()
+        else:
+            for dev, path in mounts:
+                q = shlex.quote(self._root + path)
+                self.run(f"mkdir -p {q} && mount -t ext4 -o ro {dev} {q}", env=OUTSIDE_ROOT).check()
+
+    def _cache_enabled(self) -> bool:
+        from vmm.snapshot import cache
+        return self.snapshot_cache and cache.enabled()
+
+    def _insert_media(self, disks: list, media: list) -> list[str]:
+        """Insert the opened ``media`` into the empty drives; return the operations
+        for ``pyvmm-agent --mount`` (agent.c) that wait until the guest has seen each
+        one (Linux's virtio_blk reads the new capacity on a workqueue after the
+        configuration-change interrupt) and mount a rootfs as guests/initramfs/init
+        would have at boot."""
+        from vmm.config import DiskConfig
+        ops = []
+        for i, (d, backend) in enumerate(zip(disks, media)):
+            self._machine.insert_disk(i, DiskConfig(backend.path, read_only=d.read_only,
+                                                    serial=d.serial, cache=d.cache,
+                                                    snapshot=d.snapshot), backend=backend)
+            self._media.remove(backend)   # the machine owns it now
+            ops += ["wait", _vd(i)[len("/dev/"):]]
+        if self.rootfs is not None:
+            ops += ["root", "/dev/vda", ROOTFS_MOUNT]
+            self._late_root = True
+        return ops
 
     def close(self) -> None:
         """Stop the VM, join its threads, close its fds (idempotent; never raises)."""
@@ -437,6 +496,9 @@ class Guest:
         if self._machine is not None:
             self._machine.close()
             self._machine = None
+        for backend in self._media:
+            backend.close()
+        self._media.clear()
         for fd in self._fds:
             try:
                 os.close(fd)
@@ -472,6 +534,8 @@ class Guest:
             ValueError: a NUL byte in the command, env or workdir.
         """
         argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
+        if self._late_root:   # agent.c: chroot into the rootfs mounted after start
+            env = {"PYVMM_ROOT": ROOTFS_MOUNT, **(env or {})}
         frame = encode_run(argv, env, workdir)
         self.start()
         with self._run_lock:
@@ -616,10 +680,7 @@ class Guest:
     def _send_init(self) -> None:
         """Tell a restored guest's agent the time and give it fresh entropy (agent.c,
         INIT): guests restored from one snapshot must not share a clock or an RNG."""
-        now = time.time_ns()
-        payload = struct.pack("<qq", now // 1_000_000_000, now % 1_000_000_000) + os.urandom(64)
-        self._send(HEADER.pack(T_INIT, len(payload)) + payload,
-                   time.monotonic() + self.boot_timeout)
+        self._send(init_frame(), time.monotonic() + self.boot_timeout)
 
     def _save_to_cache(self, key: str) -> None:
         """Save the just-booted guest (agent ready, nothing run yet) for later guests.

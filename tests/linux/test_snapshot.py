@@ -254,3 +254,128 @@ def test_restore_keeps_a_copy_on_write_disk_and_never_writes_the_image(default_g
     assert re.search(r"^disk: written-before original go\r?$", p.stdout, re.M), describe(p)
     assert "pyvmm: exit 0" in p.stdout, describe(p)
     assert sha() == digest, "the restored guest wrote to the image behind a snapshot disk"
+
+
+# -- disks inserted after a restore (vmm/disk/empty.py) ---------------------------------
+
+
+def _rootfs(tmp_path: Path, name: str, marker: str) -> Path:
+    """A tiny root filesystem image: static busybox and /etc/marker."""
+    import shutil
+    from vmm.images import make_ext4
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.skip("busybox-static not installed")
+    tree = tmp_path / f"tree-{name}"
+    (tree / "bin").mkdir(parents=True)
+    (tree / "etc").mkdir()
+    shutil.copy(busybox, tree / "bin" / "busybox")
+    for applet in ("sh", "cat", "echo", "mkdir", "ls"):
+        (tree / "bin" / applet).symlink_to("busybox")
+    (tree / "etc" / "marker").write_text(marker + "\n")
+    return make_ext4(tree, tmp_path / f"{name}.img")
+
+
+@pytest.mark.timeout(BOOT_TIMEOUT_S + 2 * RESTORE_TIMEOUT_S)
+def test_guests_with_disks_are_restored_and_get_their_own_disks(default_guest, tmp_path,
+                                                                monkeypatch):
+    from vmm import Guest
+    cache = _warm.get("cache")
+    if cache is None or not cache_entries(cache):
+        cache = tmp_path / "snapshots"
+        monkeypatch.setenv(CACHE_ENV, str(cache))
+        with Guest() as g:
+            assert not g.restored
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    keys = cache_entries(cache)
+    images = {n: _rootfs(tmp_path, n, f"marker-{n}") for n in ("a", "b")}
+    before = {n: hashlib.sha256(p.read_bytes()).hexdigest() for n, p in images.items()}
+    for n in ("a", "b"):
+        data = tmp_path / f"data-{n}"
+        data.mkdir()
+        (data / "in.txt").write_text(f"copied-in-{n}\n")
+        with Guest(rootfs=images[n], copy_in=[(data, "/data")], scratch_size="32M") as g:
+            assert g.restored, f"a guest with disks booted (notes: {g.notes})"
+            r = g.run("cat /etc/marker /data/in.txt; test -e /bin/pyvmm-agent || echo chrooted; "
+                      "echo written > /etc/marker; mkdir -p /out; echo out-" + n + " > /out/f")
+            assert r.exit_code == 0, r
+            assert r.stdout == f"marker-{n}\ncopied-in-{n}\nchrooted\n".encode(), r
+            r = g.run("echo x > /data/in.txt")   # a copy-in image is read-only
+            assert r.exit_code != 0, r
+            got = g.copy_out("/out", tmp_path / f"out-{n}")
+            assert (got / "f").read_text() == f"out-{n}\n"
+    assert cache_entries(cache) == keys, "guests with disks saved snapshots of their own"
+    after = {n: hashlib.sha256(p.read_bytes()).hexdigest() for n, p in images.items()}
+    assert after == before, "a root filesystem image was modified"
+
+
+# -- pyvmm boot: the default guest's "shell ready" snapshot (vmm/cli/shellsnap.py) ------
+
+
+def _shell_session(env: dict, timeout: float = BOOT_TIMEOUT_S):
+    """``pyvmm boot --verbose`` of the default guest: wait for the shell prompt, run
+    one command line, power off. Returns (stdout, stderr, seconds from exec to the
+    prompt, host time just before the command was sent)."""
+    proc = subprocess.Popen([*pyvmm_command(), "boot", "--verbose", "--timeout", str(timeout)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    out = bytearray()
+    errs = bytearray()
+    got = threading.Event()
+
+    def reader(stream, sink, watch):
+        for chunk in iter(lambda: stream.read1(4096), b""):
+            sink.extend(chunk)
+            if watch and b"\n/ # " in sink:
+                got.set()
+
+    threads = [threading.Thread(target=reader, args=(proc.stdout, out, True), daemon=True),
+               threading.Thread(target=reader, args=(proc.stderr, errs, False), daemon=True)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    try:
+        assert got.wait(timeout), f"no prompt; stdout tail {bytes(out[-2000:])!r}"
+        to_prompt = time.monotonic() - t0
+        sent_at = time.time()
+        proc.stdin.write(b"echo shell-$((6*7)); date +%s\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 120
+        while b"shell-42" not in out and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.stdin.write(b"poweroff -f\n")
+        proc.stdin.close()
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for t in threads:
+        t.join(10)
+    return bytes(out).decode(errors="replace"), bytes(errs).decode(errors="replace"), \
+        to_prompt, sent_at, proc.returncode
+
+
+@pytest.mark.timeout(BOOT_TIMEOUT_S + RESTORE_TIMEOUT_S + 240)
+def test_pyvmm_boot_of_the_default_guest_restores_its_shell_ready_snapshot(default_guest,
+                                                                          tmp_path):
+    cache = tmp_path / "snapshots"
+    env = {**os.environ, CACHE_ENV: str(cache)}
+    note = "started from a cached snapshot"
+    out1, err1, t1, _, rc1 = _shell_session(env)
+    assert rc1 == 0, (out1[-2000:], err1)
+    assert note not in err1, err1
+    assert re.search(r"^shell-42\r?$", out1, re.M), out1[-2000:]
+    keys = cache_entries(cache)
+    assert len(keys) == 1 and keys[0].startswith("shell-"), keys
+
+    time.sleep(5)       # the snapshot's clock is now behind: the agent must set it
+    out2, err2, t2, sent_at, rc2 = _shell_session(env)
+    assert rc2 == 0, (out2[-2000:], err2)
+    assert f"{note} ({keys[0]})" in err2, err2
+    assert "Linux version" not in out2, "the restored guest booted its kernel"
+    assert re.search(r"^shell-42\r?$", out2, re.M), out2[-2000:]
+    guest_now = int(re.search(r"^(\d{10})\r?$", out2, re.M).group(1))
+    assert sent_at - 3 <= guest_now <= time.time() + 3, (guest_now, sent_at)
+    print(f"pyvmm boot: prompt after {t1:.2f} s booted, {t2:.2f} s restored")
+    assert t2 < t1 / 3, f"restored prompt after {t2:.2f} s, booted after {t1:.2f} s"

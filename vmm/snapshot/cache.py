@@ -7,7 +7,8 @@ emulation-only host). A shape is everything that makes the booted guest what it 
 the kernel and initramfs files (path, size, mtime, inode), guest RAM, vCPUs, the kernel
 command line (which carries the CPU profile's options), the host quirks and pyvmm's
 version; the snapshot's own dependency check (vmm.snapshot.persist) still runs on
-every restore. Guests with disks are not cached (their disks are not part of a shape).
+every restore. Disks are not part of a shape: guests are saved with empty drives, and
+a guest's disks are inserted after the restore (vmm/disk/empty.py, vmm/guest.py).
 
 Layout: ``<cache>/snapshots/<key>/`` — one snapshot directory each, written atomically
 by vmm.snapshot.format (a second process filling the same key at the same time loses
@@ -19,13 +20,11 @@ checked after each new snapshot. ``$PYVMM_SNAPSHOT_CACHE=0`` turns it off;
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
 import time
 
 from vmm import __version__
-from vmm.paths import cache_dir
+from vmm.paths import cache_dir, sha256
 
 DEFAULT_MAX_BYTES = 2 << 30
 
@@ -58,7 +57,7 @@ def key(*, kernel, initrd, mem_size: int, cpus: int, cmdline: str, quirks, loop:
     """The cache key of a guest's shape (see the module docstring)."""
     shape = repr([__version__, _file_id(kernel), _file_id(initrd), mem_size, cpus, cmdline,
                   bool(quirks.complete_int3), bool(quirks.complete_fwait)])
-    return hashlib.sha256(shape.encode()).hexdigest()[:24]
+    return sha256(shape.encode()).hexdigest()[:24]
 
 
 def lookup(k: str) -> str | None:
@@ -131,6 +130,7 @@ def remove(k: str) -> None:
         os.rename(d, aside)
     except OSError:
         return
+    import shutil
     shutil.rmtree(aside, ignore_errors=True)
     try:
         os.unlink(os.path.join(root(), f"{k}.used"))
