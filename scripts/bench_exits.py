@@ -77,7 +77,8 @@ def startup(hello: Path | None) -> tuple[float, float]:
     """(ms from exec to first KVM_RUN, MiB resident excluding guest RAM) of
     `pyvmm boot --raw HELLO`, or with ``hello=None`` of `pyvmm boot` (default guest),
     which --timeout stops once it has run a moment (exit status 130)."""
-    argv = ["boot", "--raw", str(hello)] if hello is not None else ["boot", "--timeout", "0.3"]
+    argv = ["boot", "--raw", str(hello)] if hello is not None else \
+        ["boot", "--timeout", "0.3", "--no-snapshot-cache"]   # a boot, not a restore
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         env = dict(os.environ, PYVMM_BENCH_STAMPS=f.name)
         t0 = time.monotonic()

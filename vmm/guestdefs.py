@@ -13,6 +13,9 @@ EXIT_MARKER = "pyvmm: exit"
 CMD_PARAM = "pyvmm.cmd"
 #: Kernel command-line word that makes /init start the agent on ttyS1 (vmm/guest.py).
 AGENT_PARAM = "pyvmm.agent"
+#: Kernel command-line word that makes /init start the agent as a daemon before the
+#: interactive shell, which waits for the host's INIT (vmm/cli/shellsnap.py).
+SHELL_AGENT_PARAM = "pyvmm.shell-agent"
 #: Kernel command-line parameter naming the disk the agent chroots commands into.
 ROOTFS_PARAM = "pyvmm.rootfs"
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 
 from vmm.cli.common import (T0, EXIT_VMM_ERROR, Notes, UsageError, add_machine_options,
-                            add_output_options, add_verbose, check_file, err, parse_cpus,
+                            add_output_options, add_snapshot_cache_option, add_verbose,
+                            check_file, err, parse_cpus,
                             parse_disk, parse_mem, verbose)
 
 
@@ -44,6 +45,7 @@ def add_parser(subparsers) -> None:
     add_output_options(b, timings_help="print a table of boot phases at exit",
                        timeout_help="stop the VM after this long")
     add_snapshot_options(b)
+    add_snapshot_cache_option(b, "the default guest")
     add_verbose(b)
 
 
@@ -87,12 +89,26 @@ def main(args) -> int:
     if cpus > 1:
         _check_cpus(cpus)
 
+    # The default guest's "shell ready" snapshot (vmm/cli/shellsnap.py).
+    shell_snapshot = (args.kernel is None and not disks and not args.snapshot_on
+                      and not args.cmdline_replace and not args.no_snapshot_cache
+                      and args.on_reboot == "exit" and _snapshot_cache_enabled())
     linux = None
     if not args.raw:
         from vmm import linux as linuxboot
         root = f"root=/dev/vda {'ro' if disks[0].read_only else 'rw'}" if args.root else None
-        linux = linuxboot.prepare(args.cpu_profile, cpus, root=root, extra=args.cmdline,
+        extra = args.cmdline
+        if shell_snapshot:
+            from vmm.guestdefs import SHELL_AGENT_PARAM
+            extra = " ".join(x for x in (SHELL_AGENT_PARAM, extra) if x)
+        linux = linuxboot.prepare(args.cpu_profile, cpus, root=root, extra=extra,
                                   replace=args.cmdline_replace)
+    shell = None
+    if shell_snapshot:
+        from vmm.cli.shellsnap import ShellSnapshot, shell_key
+        key = shell_key(kernel=kernel, initrd=initrd, mem_size=mem_size, cpus=cpus,
+                        cmdline=linux.cmdline, quirks=linux.quirks)
+        shell = ShellSnapshot(key) if key is not None else None
 
     def new_machine(console):
         config = MachineConfig(
@@ -102,10 +118,15 @@ def main(args) -> int:
             system_map=system_map, cpu_profile=linux.profile if linux else "")
         if linux is not None:
             config.quirks = linux.quirks
-        return Machine(config)
+        return shell.build(config) if shell is not None else Machine(config)
 
     return session(args, new_machine, pre_notes=linux.notes if linux else (),
-                   restartable=args.on_reboot == "restart")
+                   restartable=args.on_reboot == "restart", companion=shell)
+
+
+def _snapshot_cache_enabled() -> bool:
+    from vmm.snapshot import cache
+    return cache.enabled()
 
 
 def add_snapshot_options(p) -> None:
@@ -128,7 +149,8 @@ def check_snapshot_dir(args) -> None:
                          "is not a directory")
 
 
-def session(args, new_machine, *, pre_notes=(), restartable: bool = False) -> int:
+def session(args, new_machine, *, pre_notes=(), restartable: bool = False,
+            companion=None) -> int:
     """Run a VM on the terminal to its end: console in and out, SIGTERM, --timeout
     (over the whole session, restarts included), --timings, snapshots (Ctrl-A s,
     --snapshot-on) and pyvmm's notes. Shared by ``pyvmm boot`` and ``pyvmm restore``.
@@ -137,6 +159,9 @@ def session(args, new_machine, *, pre_notes=(), restartable: bool = False) -> in
         new_machine: ``new_machine(console) -> Machine`` (console: the output callable).
         pre_notes: notes known before the VM is built (host detection).
         restartable: a guest reboot builds a new VM (``--on-reboot restart``).
+        companion: what works beside the VM (vmm/cli/shellsnap.py's ShellSnapshot):
+            its ``notes`` is set to a callable adding notes before a VM is built, and
+            its ``join()`` is called before the VM is closed.
     """
     import signal
     import threading
@@ -149,6 +174,8 @@ def session(args, new_machine, *, pre_notes=(), restartable: bool = False) -> in
     out = ConsoleOutput(log_path=args.console_log)
     # Added once the VM is built, so that a bad-input error stays one line.
     notes = Notes(verbose(args), lambda note: err(note, out))
+    if companion is not None:
+        companion.notes = notes.add
     status = EXIT_VMM_ERROR
     interrupted = {"machine": None}
     snapshot_on = getattr(args, "snapshot_on", None)
@@ -186,6 +213,8 @@ def session(args, new_machine, *, pre_notes=(), restartable: bool = False) -> in
                         machine.stop()
                         result = machine.run()
                 snapshots.join()
+                if companion is not None:
+                    companion.join()
                 times = dict(machine.times)
                 if os.environ.get("PYVMM_BENCH_STAMPS"):
                     _write_stamps(os.environ["PYVMM_BENCH_STAMPS"], machine)

@@ -121,6 +121,13 @@ def add_verbose(p: argparse.ArgumentParser) -> None:
                         "(PYVMM_VERBOSE=1 does the same)")
 
 
+def add_snapshot_cache_option(p: argparse.ArgumentParser, what: str) -> None:
+    """--no-snapshot-cache (``pyvmm run``, ``pyvmm boot``: vmm/snapshot/cache.py)."""
+    p.add_argument("--no-snapshot-cache", action="store_true",
+                   help=f"boot {what} even if a snapshot of a booted one is cached, and "
+                        "save none (the cache: pyvmm cache list)")
+
+
 def verbose(args) -> bool:
     """Whether --verbose was given or PYVMM_VERBOSE is set (to anything but '' or 0)."""
     return bool(getattr(args, "verbose", False)) or \

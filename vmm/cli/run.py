@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 
 from vmm.cli.common import (EXIT_USAGE, Notes, UsageError, add_machine_options,
-                            add_output_options, add_verbose, err, parse_disk, parse_mem,
-                            verbose)
+                            add_output_options, add_snapshot_cache_option, add_verbose, err,
+                            parse_disk, parse_mem, verbose)
 
 EXIT_TIMEOUT = 124
 EXIT_FAILED = 125
@@ -52,9 +52,7 @@ def add_parser(subparsers) -> None:
                    help="after CMD ends, copy GUESTPATH (file or tree) to HOSTPATH (repeatable)")
     r.add_argument("--scratch-size", default="256M", metavar="SIZE",
                    help="size of the scratch disk --copy-out copies through (default 256M)")
-    r.add_argument("--no-snapshot-cache", action="store_true",
-                   help="boot the guest even if a snapshot of a booted one is cached, and "
-                        "save none (the cache: pyvmm cache list)")
+    add_snapshot_cache_option(r, "the guest")
     r.add_argument("--console", action="store_true",
                    help="show the guest's console (kernel messages) on stderr")
     add_machine_options(r)
