@@ -10,6 +10,10 @@ Tiny bare-metal guest (guests/tiny/counter.S, exact and quick):
 Default Linux guest (skipped with --no-linux; the first run boots it once):
   * cold `pyvmm run -- true` (--no-snapshot-cache: a full boot) against warm (restored
     from the cache), and Guest() start -> agent ready when restored;
+  * cold against warm `pyvmm run --rootfs IMG -- true` (the disk inserted into an
+    empty drive after the restore);
+  * `pyvmm boot` of the default guest: exec -> shell prompt booted (the first boot,
+    which saves the "shell ready" snapshot) against restored;
   * 8 concurrent restores of one snapshot: wall time, and each guest's guest-memory
     pages: private (copied on write) vs shared with the snapshot's page cache, and the
     total PSS of guest memory.
@@ -94,14 +98,55 @@ def tiny_part(runs: int, work: Path) -> dict:
     return out
 
 
-def run_true(cache: bool, cache_dir: str) -> float:
+def run_true(cache: bool, cache_dir: str, *extra: str) -> float:
     t0 = time.monotonic()
-    argv = [*PYVMM, "run", *([] if cache else ["--no-snapshot-cache"]), "--", "true"]
+    argv = [*PYVMM, "run", *([] if cache else ["--no-snapshot-cache"]), *extra, "--", "true"]
     p = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL,
                        env=dict(os.environ, PYVMM_SNAPSHOT_CACHE_DIR=cache_dir))
     if p.returncode != 0:
         raise SystemExit(f"pyvmm run -- true: exit {p.returncode}: {p.stderr.decode()[-500:]}")
     return time.monotonic() - t0
+
+
+def boot_to_prompt(cache_dir: str, timeout: float = 900) -> float:
+    """Seconds from exec of `pyvmm boot` (default guest) to its shell prompt; then
+    powers the guest off."""
+    import threading
+    env = dict(os.environ, PYVMM_SNAPSHOT_CACHE_DIR=cache_dir)
+    t0 = time.monotonic()
+    p = subprocess.Popen([*PYVMM, "boot", "--timeout", str(timeout)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    seen, out = threading.Event(), bytearray()
+
+    def reader():
+        for chunk in iter(lambda: p.stdout.read1(4096), b""):
+            out.extend(chunk)
+            if b"\n/ # " in out:
+                seen.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    try:
+        if not seen.wait(timeout):
+            raise SystemExit(f"pyvmm boot: no prompt; output tail {bytes(out[-500:])!r}")
+        took = time.monotonic() - t0
+        p.stdin.write(b"poweroff -f\n")
+        p.stdin.close()
+        p.wait(120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return took
+
+
+def rootfs_image(work: Path) -> Path:
+    """A tiny root filesystem (static busybox) as an ext4 image."""
+    from vmm.images import make_ext4
+    tree = work / "rootfs-tree"
+    (tree / "bin").mkdir(parents=True)
+    shutil.copy(shutil.which("busybox") or "/bin/busybox", tree / "bin" / "busybox")
+    (tree / "bin" / "true").symlink_to("busybox")
+    return make_ext4(tree, work / "rootfs.img")
 
 
 GUEST_MEMORY_PROBE = r"""
@@ -135,6 +180,17 @@ def linux_part(concurrent: int, work: Path) -> dict:
     out["run_true_cold_s"] = cold
     out["run_true_warm_s"] = warm
     out["run_true_cold_vs_warm"] = cold / warm
+    rootfs = ("--rootfs", str(rootfs_image(work)))
+    cold = run_true(False, cache_dir, *rootfs)
+    warm = statistics.median(run_true(True, cache_dir, *rootfs) for _ in range(3))
+    out["run_rootfs_cold_s"] = cold
+    out["run_rootfs_warm_s"] = warm
+    out["run_rootfs_cold_vs_warm"] = cold / warm
+    cold = boot_to_prompt(cache_dir)            # boots, saves the shell-ready snapshot
+    warm = statistics.median(boot_to_prompt(cache_dir) for _ in range(3))
+    out["boot_prompt_booted_s"] = cold
+    out["boot_prompt_restored_s"] = warm
+    out["boot_prompt_booted_vs_restored"] = cold / warm
     t0 = time.monotonic()
     procs = [subprocess.Popen([sys.executable, "-c", GUEST_MEMORY_PROBE], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
