@@ -289,6 +289,9 @@ class Guest:
             the VM's console thread).
         snapshot_cache: restore from / save to the cache of booted guests
             (vmm.snapshot.cache; also off with PYVMM_SNAPSHOT_CACHE=0).
+        restore: a directory :meth:`snapshot` saved a guest into: start from it
+            instead of booting (kernel, RAM, disks and command line are the saved
+            guest's; only ``console``, ``loop`` and ``boot_timeout`` apply).
 
     Raises (from :meth:`start`):
         GuestError: the guest did not come up (the message has the console tail).
@@ -301,7 +304,8 @@ class Guest:
                  scratch_size: str | int | None = None, cmdline: str = "",
                  cpu_profile: str = "auto", loop: str | None = None,
                  boot_timeout: float = 600, console: Callable[[bytes], None] | None = None,
-                 rootfs: str | os.PathLike | None = None, snapshot_cache: bool = True):
+                 rootfs: str | os.PathLike | None = None, snapshot_cache: bool = True,
+                 restore: str | os.PathLike | None = None):
         from vmm.memory import parse_size
 
         self.kernel = Path(kernel) if kernel is not None else None
@@ -327,6 +331,11 @@ class Guest:
         #: save one after booting when there is not (vmm.snapshot.cache; the disks are
         #: inserted afterwards into empty drives). True after start() if restored.
         self.snapshot_cache = snapshot_cache
+        self.restore_from = None if restore is None else Path(restore)
+        if self.restore_from is not None and (self.disks or self.copy_in or self.rootfs
+                                              or self.scratch_size is not None):
+            raise GuestError("a guest restored from a snapshot has the saved guest's disks: "
+                             "no rootfs, disks, copy_in or scratch_size")
         self.restored = False
         self._console_sink = console
         self.name = f"pyvmm-guest-{next(_ids)}"
@@ -347,7 +356,6 @@ class Guest:
         self._run_lock = threading.Lock()
         self._fds: list[int] = []           # unlinked images the VMM reads via /proc/self/fd
         self._media: list = []              # disks opened, not yet inserted (closed here)
-        self._late_root = False             # a rootfs mounted after start: PYVMM_ROOT
         self._scratch_fd: int | None = None
         self._scratch_dev: str | None = None
         self._dead: str | None = None       # why no more commands can run
@@ -382,6 +390,8 @@ class Guest:
         return self
 
     def _boot(self) -> None:
+        if self.restore_from is not None:
+            return self._start_machine(self._restore_directory(), None, [])
         from vmm import defaultguest, linux
         from vmm.machine import DiskConfig, Machine, MachineConfig
         from vmm.vcpu import default_loop
@@ -431,9 +441,12 @@ class Guest:
                                disks=[DiskConfig.empty() for _ in range(EMPTY_DRIVES)]
                                if late else disks, cpu_profile=setup.profile)
         cache_key = self._cache_key(config) if late else None
-        self._machine = self._restore(cache_key, loop) if cache_key else None
-        if self._machine is None:
-            self._machine = Machine(config)
+        machine = self._restore(cache_key, loop) if cache_key else None
+        self._start_machine(machine or Machine(config), cache_key, mounts, disks, media)
+
+    def _start_machine(self, machine, cache_key, mounts, disks=(), media=()) -> None:
+        """Run ``machine``, wait for the agent, fill the cache, insert and mount disks."""
+        self._machine = machine
         self.notes.extend(self._machine.notes)
         self._thread = threading.Thread(target=self._vm_main, name=self.name, daemon=True)
         self._thread.start()
@@ -460,6 +473,39 @@ class Guest:
                 q = shlex.quote(self._root + path)
                 self.run(f"mkdir -p {q} && mount -t ext4 -o ro {dev} {q}", env=OUTSIDE_ROOT).check()
 
+    def _restore_directory(self):
+        """The Machine of ``Guest(restore=DIRECTORY)``."""
+        from vmm.machine import Machine
+        from vmm.snapshot import persist
+        from vmm.vcpu import default_loop
+        snap, config = persist.load(str(self.restore_from), console=self._on_console,
+                                    serial2=self._on_serial2, loop=self.loop or default_loop())
+        self.restored = True
+        self.times["restored"] = time.monotonic()
+        return Machine(config, snapshot=snap)
+
+    def snapshot(self, directory: str | os.PathLike):
+        """Save this guest, between commands, into ``directory`` (absent or empty);
+        ``Guest(restore=directory)`` starts a guest from it, in this process or
+        another: memory, processes, files and a rootfs overlay as they were; the
+        restored guest's clock and RNG are set anew (as for the snapshot cache).
+
+        Returns:
+            the vmm.snapshot.format.SnapshotInfo (size, time taken).
+        Raises:
+            GuestError: the guest is not running, or has copy-in images or a scratch
+                disk (temporary files of this process, which no snapshot can keep).
+            vmm.snapshot.format.SnapshotError: the directory is taken, or saving failed
+                (nothing is left half written).
+        """
+        if self.copy_in or self.scratch_size is not None:
+            raise GuestError("a guest with copy-in images or a scratch disk cannot be saved "
+                             "(they are temporary files of this process)")
+        self.start()
+        with self._run_lock:
+            self._check_alive()
+            return self._machine.snapshot(os.fspath(directory))
+
     def _cache_enabled(self) -> bool:
         from vmm.snapshot import cache
         return self.snapshot_cache and cache.enabled()
@@ -478,9 +524,8 @@ class Guest:
                                                     snapshot=d.snapshot), backend=backend)
             self._media.remove(backend)   # the machine owns it now
             ops += ["wait", _vd(i)[len("/dev/"):]]
-        if self.rootfs is not None:
+        if self.rootfs is not None:   # agent.c records it: later commands chroot there
             ops += ["root", "/dev/vda", ROOTFS_MOUNT]
-            self._late_root = True
         return ops
 
     def close(self) -> None:
@@ -534,8 +579,6 @@ class Guest:
             ValueError: a NUL byte in the command, env or workdir.
         """
         argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
-        if self._late_root:   # agent.c: chroot into the rootfs mounted after start
-            env = {"PYVMM_ROOT": ROOTFS_MOUNT, **(env or {})}
         frame = encode_run(argv, env, workdir)
         self.start()
         with self._run_lock:

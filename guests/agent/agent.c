@@ -34,7 +34,8 @@
  *   wait NAME        until /sys/block/NAME/size is not 0 (the disk inserted into an
  *                    empty drive has been seen; bounded, ~10 s)
  *   root DEV DIR     mount DEV (ext4/ext3/ext2) read-write at DIR, bind /proc /sys
- *                    /dev into it and a tmpfs at DIR/tmp, as /init does at boot
+ *                    /dev into it and a tmpfs at DIR/tmp, as /init does at boot, and
+ *                    record DIR in ROOT_RECORD: later commands run chrooted there
  *   ro DEV DIR       mkdir -p DIR, mount DEV (ext4) read-only there
  *
  * `pyvmm-agent --daemon DEVICE` (the interactive default guest, `pyvmm.shell-agent`):
@@ -205,6 +206,22 @@ static ssize_t forward(int *fd, uint8_t type)
 	return r;
 }
 
+/* Where `--mount root` records the root filesystem it mounted (initramfs, not a disk). */
+#define ROOT_RECORD "/run/pyvmm-root"
+
+static const char *recorded_root(void)
+{
+	static char buf[4096];
+	int fd = open(ROOT_RECORD, O_RDONLY | O_CLOEXEC);
+	ssize_t n = fd < 0 ? -1 : read(fd, buf, sizeof buf - 1);
+	if (fd >= 0)
+		close(fd);
+	if (n <= 0)
+		return NULL;
+	buf[n] = '\0';
+	return buf;
+}
+
 static void run_command(char *payload, uint32_t len)
 {
 	uint32_t off = 8, argc, envc, i;
@@ -241,18 +258,18 @@ static void run_command(char *payload, uint32_t len)
 		setsid(); /* its own session: no controlling tty, own process group */
 		for (i = 0; i < envc; i++)
 			putenv(envv[i]);
-		/* With --root, or PYVMM_ROOT=DIR in the command's environment (a root
+		/* With --root, or once `--mount root` recorded one in ROOT_RECORD (a root
 		 * filesystem the host mounted after the agent started: a guest restored
-		 * from the snapshot cache), commands run chrooted into the guest's root
-		 * filesystem, except the host's own housekeeping (mounting copy-in
-		 * images, copying out), which it marks with PYVMM_OUTSIDE_ROOT=1. */
-		const char *root = getenv("PYVMM_ROOT") ? getenv("PYVMM_ROOT") : root_dir;
+		 * from the snapshot cache; kept in the guest, so a snapshot of it keeps
+		 * it too), commands run chrooted into the guest's root filesystem, except
+		 * the host's own housekeeping (mounting copy-in images, copying out),
+		 * which it marks with PYVMM_OUTSIDE_ROOT=1. */
+		const char *root = root_dir ? root_dir : recorded_root();
 		if (root && !getenv("PYVMM_OUTSIDE_ROOT") && (chroot(root) < 0 || chdir("/") < 0)) {
 			fprintf(stderr, "pyvmm-agent: cannot enter %s: %s\n", root, strerror(errno));
 			_exit(126);
 		}
 		unsetenv("PYVMM_OUTSIDE_ROOT");
-		unsetenv("PYVMM_ROOT");
 		if (workdir[0] && chdir(workdir) < 0) {
 			fprintf(stderr, "pyvmm-agent: cannot change directory to %s: %s\n",
 				workdir, strerror(errno));
@@ -441,6 +458,12 @@ static int mount_main(int argc, char **argv)
 			}
 			snprintf(sub, sizeof sub, "%s/tmp", dir);
 			if (mkdir_p(sub) < 0 || mount("tmpfs", sub, "tmpfs", 0, NULL) < 0)
+				goto fail;
+			if (mkdir_p("/run") < 0)
+				goto fail;
+			int fd = open(ROOT_RECORD ".tmp", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+			if (fd < 0 || write(fd, dir, strlen(dir)) != (ssize_t)strlen(dir) || close(fd) < 0
+			    || rename(ROOT_RECORD ".tmp", ROOT_RECORD) < 0)
 				goto fail;
 			i += 3;
 		} else {

@@ -379,3 +379,44 @@ def test_pyvmm_boot_of_the_default_guest_restores_its_shell_ready_snapshot(defau
     assert sent_at - 3 <= guest_now <= time.time() + 3, (guest_now, sent_at)
     print(f"pyvmm boot: prompt after {t1:.2f} s booted, {t2:.2f} s restored")
     assert t2 < t1 / 3, f"restored prompt after {t2:.2f} s, booted after {t1:.2f} s"
+
+
+@pytest.mark.timeout(BOOT_TIMEOUT_S + 2 * RESTORE_TIMEOUT_S)
+def test_guest_snapshot_and_a_guest_restored_from_it(default_guest, tmp_path, monkeypatch):
+    """Guest.snapshot(dir) between commands, Guest(restore=dir) in another process:
+    the rootfs chroot, a file written in it and a background process carry over; the
+    image is never written; a guest with copy-in images cannot be saved."""
+    from vmm import Guest
+    from vmm.guest import GuestError
+    cache = _warm.get("cache")
+    if cache is not None and cache_entries(cache):
+        monkeypatch.setenv(CACHE_ENV, str(cache))
+    else:
+        monkeypatch.setenv(CACHE_ENV, str(tmp_path / "snapshots"))
+    image = _rootfs(tmp_path, "c", "marker-c")
+    before = hashlib.sha256(image.read_bytes()).hexdigest()
+    snap = tmp_path / "saved"
+    with Guest(rootfs=image) as g:
+        r = g.run("echo kept > /state; (while :; do sleep 1; done) & echo started")
+        assert r.exit_code == 0 and r.stdout == b"started\n", r
+        info = g.snapshot(snap)
+        assert info.memory_stored > 0
+        r = g.run("echo after > /state")      # the original guest goes on
+        assert r.exit_code == 0, r
+    probe = ("from vmm import Guest\n"
+             f"with Guest(restore={str(snap)!r}) as g:\n"
+             "    r = g.run('cat /state /etc/marker; test -e /bin/pyvmm-agent || echo chrooted;"
+             " ps | grep -c \"sleep 1\" >/dev/null && echo loop-alive')\n"
+             "    print(g.restored, r.exit_code, r.stdout.decode().split())\n")
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                       timeout=RESTORE_TIMEOUT_S, env=os.environ)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip() == "True 0 ['kept', 'marker-c', 'chrooted', 'loop-alive']", \
+        (p.stdout, p.stderr[-2000:])
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == before
+    data = tmp_path / "d"
+    data.mkdir()
+    with Guest(copy_in=[(data, "/d")]) as g:
+        with pytest.raises(GuestError, match="cannot be saved"):
+            g.snapshot(tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
