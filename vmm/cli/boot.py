@@ -150,10 +150,13 @@ def session(args, new_machine, *, pre_notes=(), restartable: bool = False) -> in
     # Added once the VM is built, so that a bad-input error stays one line.
     notes = Notes(verbose(args), lambda note: err(note, out))
     status = EXIT_VMM_ERROR
-    interrupted = {"machine": None}
+    # "term": a SIGTERM has come; one that arrives while a VM is being built (no
+    # machine to stop yet) stops it as soon as it exists, and ends the session.
+    interrupted = {"machine": None, "term": False}
     snapshot_on = getattr(args, "snapshot_on", None)
 
     def on_sigterm(signo, frame):
+        interrupted["term"] = True
         m = interrupted["machine"]
         if m is not None:
             m.stop()
@@ -164,6 +167,8 @@ def session(args, new_machine, *, pre_notes=(), restartable: bool = False) -> in
         while True:
             with new_machine(out.write) as machine:
                 interrupted["machine"] = machine
+                if interrupted["term"]:     # came while new_machine() ran
+                    machine.stop()
                 notes.add(*pre_notes, *machine.notes)
                 kernel = getattr(machine, "kernel", None)
                 if kernel is not None and kernel.fallback_reason:
@@ -190,7 +195,7 @@ def session(args, new_machine, *, pre_notes=(), restartable: bool = False) -> in
                 if os.environ.get("PYVMM_BENCH_STAMPS"):
                     _write_stamps(os.environ["PYVMM_BENCH_STAMPS"], machine)
             interrupted["machine"] = None
-            if result.reason is ExitReason.REBOOT and restartable:
+            if result.reason is ExitReason.REBOOT and restartable and not interrupted["term"]:
                 err("guest rebooted: restarting", out)
                 continue
             break
