@@ -286,7 +286,8 @@ class Guest:
         cmdline: appended to the kernel command line.
         cpu_profile: "auto", "host" or "safe" (vmm.cpuprofile).
         loop: vCPU loop, "shim" or "python" (default: $PYVMM_LOOP or shim).
-        boot_timeout: seconds to wait for the agent; the VM is stopped after that.
+        boot_timeout: seconds to wait for the agent and mount the copy-in images; the
+            VM is stopped after that. Also copy_out()'s default timeout.
         console: optional callable receiving console (ttyS0) bytes as they come (on
             the VM's console thread).
         snapshot_cache: restore from / save to the cache of booted guests

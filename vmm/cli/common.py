@@ -108,7 +108,8 @@ def add_output_options(p: argparse.ArgumentParser, *, timings_help: str,
                        timeout_help: str) -> None:
     """--console-log, --timings, --timeout (their meaning differs a little per command)."""
     p.add_argument("--console-log", metavar="FILE",
-                   help="append the guest's console output to FILE")
+                   help="append the guest's console output to FILE (a regular file or a "
+                        "character device; FIFOs and sockets are refused)")
     p.add_argument("--timings", action="store_true", help=timings_help)
     p.add_argument("--timeout", type=seconds, metavar="SECONDS", help=timeout_help)
 
