@@ -170,12 +170,20 @@ def frame(ftype, payload):
     return HEADER.pack(ftype, len(payload)) + payload
 
 
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
 def test_64_mib_sent_between_commands_is_dropped_not_held():
     g = Guest(kernel="/nonexistent", initrd="/nonexistent", snapshot_cache=False)
     chunk = frame(T_STDOUT, b"x" * 4096) * 16              # 64 KiB of frames
+    before = rss_kib()
     for _ in range(1024):                                  # 64 MiB in all
         g._on_serial2(chunk)
     g._on_serial2(frame(T_EXIT, struct.pack("<Bi", 0, 99)))  # a forged status
+    grown = rss_kib() - before
     assert g._frames.qsize() == 0
     assert g.dropped_bytes == (64 << 20) + 5
     assert len(g._parser._buf) == 0
+    assert grown < 8 << 10, f"RSS grew by {grown} KiB"     # was 65 MiB held
