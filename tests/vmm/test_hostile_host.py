@@ -73,3 +73,22 @@ def test_sigterm_while_the_vm_is_being_built_stops_it(tiny):
                        timeout=60, stdin=subprocess.DEVNULL)
     assert r.returncode == 130, r.stderr
     assert "stopped by request" in r.stderr and "timed out" not in r.stderr
+
+
+def test_console_thread_keeps_draining_when_a_sink_raises(tiny):
+    # 100,000 bytes: more than the shim's 64 KiB transmit buffer. With the console
+    # thread dead the vCPU waited on the full buffer and the VM ran into the timeout.
+    from vmm.config import ExitReason, MachineConfig
+    from vmm.machine import Machine
+    seen = []
+
+    def sink(data):
+        seen.append(len(data))
+        if len(seen) == 1:
+            raise RuntimeError("a sink's bug")
+
+    with Machine(MachineConfig(kernel=tiny("bench_exits", {"COUNT": 100_000}),
+                               mem_size=64 << 20, loop="shim", console=sink)) as m:
+        result = m.run(timeout=60)
+    assert result.reason is ExitReason.DEBUG_EXIT, result
+    assert len(seen) > 1
