@@ -30,7 +30,12 @@ Frames, both directions: ``type: u8 | length: u32 LE | payload``.
 Threads: the VM runs on a thread of its own (``pyvmm-guest``, plus its vCPU and I/O
 threads); the second UART's output is parsed into frames on the vCPU thread and handed
 to the caller of :meth:`Guest.run` through a queue, so streaming callbacks run on the
-caller's thread. A timeout stops the whole VM (a command stuck in the guest cannot be
+caller's thread. Output and EXIT frames are taken only from sending a command's RUN to
+its EXIT; what the agent sends at any other time is dropped (``Guest.dropped_bytes``),
+so it neither queues up on the host nor passes for the next command's result. The
+queue is bounded (FRAME_QUEUE): a caller that falls behind slows the guest down. A
+RunResult keeps at most RUN_KEEP bytes of each stream, none of one streamed to a
+callback. A timeout stops the whole VM (a command stuck in the guest cannot be
 trusted to die), and :meth:`Guest.close` (or leaving the ``with`` block) always stops
 the VM, joins its threads and closes every file descriptor it opened.
 
@@ -81,6 +86,15 @@ CONSOLE_KEEP = 4 << 20
 #: Empty drives a guest using the snapshot cache has, for its disks (rootfs, --disk,
 #: copy-in images, scratch: a guest with more boots with its disks attached instead).
 EMPTY_DRIVES = 4
+
+#: A command's stdout (and, apart, its stderr) kept for its RunResult when no callback
+#: streams it: the oldest bytes are dropped beyond this. A streamed one is not kept.
+RUN_KEEP = 16 << 20
+
+#: Frames waiting between the vCPU thread that parses them and the caller of
+#: Guest.run (at most MAX_PAYLOAD each; the agent's are <= 4 KiB). When the caller
+#: falls behind, the vCPU waits: the guest's output is slowed, not buffered.
+FRAME_QUEUE = 64
 
 #: Where a rootfs disk is mounted in the guest (guests/initramfs/init).
 ROOTFS_MOUNT = "/rootfs"
@@ -284,7 +298,8 @@ class Guest:
         cmdline: appended to the kernel command line.
         cpu_profile: "auto", "host" or "safe" (vmm.cpuprofile).
         loop: vCPU loop, "shim" or "python" (default: $PYVMM_LOOP or shim).
-        boot_timeout: seconds to wait for the agent; the VM is stopped after that.
+        boot_timeout: seconds to wait for the agent and mount the copy-in images; the
+            VM is stopped after that. Also copy_out()'s default timeout.
         console: optional callable receiving console (ttyS0) bytes as they come (on
             the VM's console thread).
         snapshot_cache: restore from / save to the cache of booted guests
@@ -350,7 +365,12 @@ class Guest:
         self._console_lock = threading.Lock()
         self._machine = None
         self._thread: threading.Thread | None = None
-        self._frames: queue.Queue = queue.Queue()
+        self._frames: queue.Queue = queue.Queue(FRAME_QUEUE)
+        #: True from sending a RUN to its EXIT: output frames are taken only then;
+        #: the agent's frames at any other time are dropped (counted here), so they
+        #: can neither queue up nor pass for the next command's output or status.
+        self._running = False
+        self.dropped_bytes = 0
         self._parser = FrameParser()
         self._ready = threading.Event()
         self._run_lock = threading.Lock()
@@ -461,17 +481,30 @@ class Guest:
         self.times["ready"] = time.monotonic()
         if cache_key and not self.restored:
             self._save_to_cache(cache_key)
+        # Housekeeping is part of the boot: bounded by what is left of boot_timeout.
+        boot_deadline = self.times["start"] + self.boot_timeout
+        commands = []
         if media:
             # One process does it all (agent.c --mount): processes are dear here.
             ops = self._insert_media(disks, media)
             for dev, path in mounts:
                 ops += ["ro", dev, self._root + path]
-            self.run(["/bin/pyvmm-agent", "--mount", *ops], env=OUTSIDE_ROOT).check()
-            self.times["mounted"] = time.monotonic()
+            commands.append((["/bin/pyvmm-agent", "--mount", *ops], "the disks"))
         else:
             for dev, path in mounts:
                 q = shlex.quote(self._root + path)
-                self.run(f"mkdir -p {q} && mount -t ext4 -o ro {dev} {q}", env=OUTSIDE_ROOT).check()
+                commands.append((f"mkdir -p {q} && mount -t ext4 -o ro {dev} {q}",
+                                 f"the copy-in {path}"))
+        for cmd, what in commands:
+            try:
+                self.run(cmd, env=OUTSIDE_ROOT,
+                         timeout=max(boot_deadline - time.monotonic(), 0.001)).check()
+            except GuestTimeout as e:
+                raise GuestTimeout(f"{self.name}: mounting {what} did not finish "
+                                   f"within the boot timeout ({self.boot_timeout} s); the VM "
+                                   "was stopped", e.console_tail) from None
+        if commands:
+            self.times["mounted"] = time.monotonic()
 
     def _restore_directory(self):
         """The Machine of ``Guest(restore=DIRECTORY)``."""
@@ -569,9 +602,11 @@ class Guest:
             env: variables added to the agent's environment (PATH, HOME, TERM).
             workdir: directory to run in (default /).
             stdout, stderr: called with each chunk as it arrives (on this thread).
+                A stream given a callback is not kept: its RunResult field is b"".
 
         Returns:
-            A RunResult (exit_code, stdout, stderr, signal, duration).
+            A RunResult (exit_code, stdout, stderr, signal, duration); each of stdout
+            and stderr holds at most the last RUN_KEEP bytes (16 MiB).
 
         Raises:
             GuestTimeout: the timeout passed (the guest is gone afterwards).
@@ -581,7 +616,7 @@ class Guest:
         argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
         frame = encode_run(argv, env, workdir)
         self.start()
-        with self._run_lock:
+        with self._run_lock, _Answering(self):
             self._check_alive()
             t0 = time.monotonic()
             deadline = None if timeout is None else t0 + timeout
@@ -600,18 +635,24 @@ class Guest:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise timed_out()
-                try:
-                    ftype, payload = self._frames.get(timeout=left)
+                try:   # in slices: a VM that ended is noticed even with nothing queued
+                    ftype, payload = self._frames.get(timeout=0.25 if left is None
+                                                      else min(left, 0.25))
                 except queue.Empty:
-                    raise timed_out() from None
+                    if self._dead is not None:
+                        raise GuestError(f"{self.name}: {self._dead}",
+                                         self.console_tail()) from None
+                    continue
                 if ftype == T_STDOUT:
-                    out += payload
                     if stdout is not None:
                         stdout(payload)
+                    else:
+                        _keep(out, payload)
                 elif ftype == T_STDERR:
-                    err += payload
                     if stderr is not None:
                         stderr(payload)
+                    else:
+                        _keep(err, payload)
                 elif ftype == T_EXIT:
                     code, sig = decode_exit(payload)
                     return RunResult(code, bytes(out), bytes(err), sig, time.monotonic() - t0)
@@ -625,12 +666,18 @@ class Guest:
         The guest copies ``guest_path`` into the scratch disk (``scratch_size``), and the
         host extracts it with ``debugfs -R rdump`` (e2fsprogs; no root, no mount).
         If ``host_path`` is an existing directory the copy lands inside it.
+        ``timeout`` bounds the copy in the guest and the extraction (default: the
+        guest's boot_timeout): an agent that stops answering cannot hang it.
 
         Returns:
             The path of the copy on the host.
         Raises:
             GuestError: no scratch disk, the guest path is missing, or debugfs failed.
+            GuestTimeout: the timeout passed (the guest is gone afterwards).
         """
+        if timeout is None:
+            timeout = self.boot_timeout
+        deadline = time.monotonic() + timeout
         if self._scratch_dev is None:
             raise GuestError("copy_out needs a scratch disk: Guest(..., scratch_size='256M')")
         host_path = Path(host_path)
@@ -650,9 +697,14 @@ class Guest:
         import tempfile
         with tempfile.TemporaryDirectory(prefix=".pyvmm-copyout-", dir=dest.parent) as tmp:
             fd = self._scratch_fd
-            proc = subprocess.run([debugfs, "-R", f"rdump /out {tmp}", f"/proc/self/fd/{fd}"],
-                                  pass_fds=(fd,), capture_output=True, text=True,
-                                  stdin=subprocess.DEVNULL)
+            try:
+                proc = subprocess.run([debugfs, "-R", f"rdump /out {tmp}", f"/proc/self/fd/{fd}"],
+                                      pass_fds=(fd,), capture_output=True, text=True,
+                                      stdin=subprocess.DEVNULL,
+                                      timeout=max(deadline - time.monotonic(), 1.0))
+            except subprocess.TimeoutExpired:
+                raise GuestTimeout(f"copy-out {guest_path}: debugfs did not finish within "
+                                   f"{timeout} s") from None
             got = Path(tmp) / "out"
             if proc.returncode != 0 or not (got.exists() or got.is_symlink()):
                 raise GuestError(f"copy-out {guest_path}: debugfs rdump failed: "
@@ -749,7 +801,7 @@ class Guest:
         self.vm_exit = result
         why = f"the guest ended ({result.reason.value}" + (f": {result.detail})" if result.detail else ")")
         self._dead = self._dead or why
-        self._frames.put((None, self._dead))
+        self._tell_runner(self._dead)
         self._ready.set()
 
     def _stop(self, why: str) -> None:
@@ -775,15 +827,32 @@ class Guest:
             frames = self._parser.feed(data)
         except ProtocolError as e:
             self._stop(str(e))
-            self._frames.put((None, str(e)))
+            self._tell_runner(str(e))
             return
         for ftype, payload in frames:
             if ftype == T_READY:
                 if payload.split(b" ")[0] != PROTOCOL_VERSION.split(b" ")[0]:
                     self._stop(f"unexpected agent greeting {payload!r}")
                 self._ready.set()
+            elif not self._running:   # no command asked for it: dropped, not queued
+                self.dropped_bytes += len(payload)
             else:
-                self._frames.put((ftype, payload))
+                if ftype == T_EXIT:   # the command's last frame: nothing after it is its
+                    self._running = False
+                while True:           # a full queue: wait for run() (or the VM's end)
+                    try:
+                        self._frames.put((ftype, payload), timeout=0.1)
+                        break
+                    except queue.Full:
+                        if self._dead is not None or (ftype != T_EXIT and not self._running):
+                            break
+
+    def _tell_runner(self, why: str) -> None:
+        """Wake a waiting run() with why the guest is gone (it also polls _dead)."""
+        try:
+            self._frames.put_nowait((None, why))
+        except queue.Full:
+            pass
 
     def _send(self, data: bytes, deadline: float | None) -> bool:
         """Feed ``data`` to ttyS1's bounded receive FIFO; False if the deadline passed.
@@ -804,6 +873,35 @@ class Guest:
                 return False
             time.sleep(0.001)
         return True
+
+
+class _Answering:
+    """While a run() waits for its answer: the agent's output frames are taken (see
+    Guest._running); anything left queued by an earlier run() that raised is dropped
+    first, so it cannot pass for this command's output or status."""
+
+    __slots__ = ("guest",)
+
+    def __init__(self, guest: Guest):
+        self.guest = guest
+
+    def __enter__(self) -> None:
+        try:
+            while True:
+                self.guest._frames.get_nowait()
+        except queue.Empty:
+            pass
+        self.guest._running = True
+
+    def __exit__(self, *exc) -> None:
+        self.guest._running = False
+
+
+def _keep(buf: bytearray, data: bytes) -> None:
+    """Append ``data`` to ``buf``, keeping at most its last RUN_KEEP bytes."""
+    buf += data
+    if len(buf) > RUN_KEEP:
+        del buf[:len(buf) - RUN_KEEP]
 
 
 def _vd(index: int) -> str:

@@ -50,16 +50,29 @@ def make_ext4(source: str | os.PathLike | None, image: str | os.PathLike, size: 
         content = dir_size(source) if source is not None else 0
         size = max(16 << 20, int(content * 1.3) + (8 << 20))
     size = (size + 4095) // 4096 * 4096
-    tmp = image.with_name(image.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.truncate(size)
-    cmd = [mkfs, "-q", "-F", "-L", label, "-E", "root_owner=0:0", "-O", "^has_journal"]
-    if source is not None:
-        cmd += ["-d", str(source)]
-    r = subprocess.run([*cmd, str(tmp)], capture_output=True, text=True)
-    if r.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        msg = (r.stderr.strip().splitlines() or ["failed"])[-1]
-        raise ImageError(f"mkfs.ext4 failed for {image}: {msg}")
-    os.replace(tmp, image)
+    # Made aside and renamed into place: a failure (or Ctrl-C) leaves neither a partial
+    # image nor the temporary file, and the error names the image, not the temporary.
+    tmp = image.with_name(f".{image.name}.pyvmm-{os.getpid()}.tmp")
+    done = False
+    try:
+        with open(tmp, "wb") as f:
+            f.truncate(size)
+        cmd = [mkfs, "-q", "-F", "-L", label, "-E", "root_owner=0:0", "-O", "^has_journal"]
+        if source is not None:
+            cmd += ["-d", str(source)]
+        r = subprocess.run([*cmd, str(tmp)], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL)
+        if r.returncode != 0:
+            msg = (r.stderr.strip().splitlines() or ["failed"])[-1].replace(str(tmp), str(image))
+            raise ImageError(f"mkfs.ext4 failed for {image}: {msg}")
+        os.replace(tmp, image)
+        done = True
+    except OSError as e:
+        raise ImageError(f"cannot make {image}: {e.strerror or e}") from None
+    finally:
+        if not done:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
     return image

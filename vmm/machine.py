@@ -552,9 +552,17 @@ class Machine:
         buf = shim.ffi.new("uint8_t[]", 1 << 16)
         take, out = shim.lib.shim_tx_take, self.console.write
 
+        failed = []
+
         def drain() -> None:
             while n := take(self._txbuf, buf, 1 << 16):
-                out(bytes(shim.ffi.buffer(buf, n)))
+                try:
+                    out(bytes(shim.ffi.buffer(buf, n)))
+                except Exception as e:  # noqa: BLE001 - a sink's bug must not stop the
+                    if not failed:      # draining: the vCPUs would wait on a full buffer
+                        failed.append(e)
+                        log.warning("console output failed (%s: %s); still draining",
+                                    type(e).__name__, e)
 
         while True:
             os.eventfd_read(self._tx_event)

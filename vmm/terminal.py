@@ -34,7 +34,10 @@ class ConsoleOutput:
         self.fd = sys.stdout.fileno() if fd is None else fd
         self._lock = threading.Lock()
         self.mid_line = False
-        self._log = open(log_path, "ab", buffering=0) if log_path else None
+        self._log = None
+        if log_path:
+            from vmm.hostfiles import ConsoleLog
+            self._log = ConsoleLog(log_path, self._log_failed)
 
     def write(self, data: bytes) -> None:
         with self._lock:
@@ -52,6 +55,20 @@ class ConsoleOutput:
                 self._log.write(data)
             if data:
                 self.mid_line = not data.endswith(b"\n")
+
+    def _log_failed(self, message: str) -> None:
+        """The console log could not be written (vmm.hostfiles.ConsoleLog): one line on
+        stderr, after the guest's open line (called with the lock held)."""
+        if self.mid_line:
+            try:
+                os.write(self.fd, b"\r\n")
+            except OSError:
+                pass
+            self.mid_line = False
+        try:
+            os.write(2, f"pyvmm: {message}\n".encode(errors="backslashreplace"))
+        except OSError:
+            pass
 
     def end_line(self) -> None:
         """Before a pyvmm message: finish the guest's open line, if any."""

@@ -14,6 +14,7 @@ import signal
 import threading
 from collections.abc import Callable
 
+from vmm.errors import UserError
 from vmm.kvm import KvmError
 from vmm.kvm import exits as X
 from vmm.kvm import ioctls as K
@@ -27,10 +28,14 @@ KICK_SIGNAL = signal.SIGRTMIN + 2
 LOOPS = ("shim", "python")
 
 
+class LoopError(UserError, ValueError):
+    """$PYVMM_LOOP names no run loop (one line, exit status 2)."""
+
+
 def default_loop() -> str:
     loop = os.environ.get("PYVMM_LOOP", "shim")
     if loop not in LOOPS:
-        raise ValueError(f"PYVMM_LOOP must be one of {', '.join(LOOPS)}, not {loop!r}")
+        raise LoopError(f"PYVMM_LOOP must be one of {', '.join(LOOPS)}, not {loop!r}")
     return loop
 
 

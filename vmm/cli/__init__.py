@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = _commands(argv[:1] if argv[:1] and argv[0] in COMMANDS else COMMANDS)
     p = parser(commands)
     args = p.parse_args(argv)
-    if args.command is None:
-        p.print_help(sys.stderr)
+    if args.command is None:    # a short usage and one line, as for any usage error
+        print(f"usage: pyvmm [--version] {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        common.err("no command given (see pyvmm --help)")
         return common.EXIT_USAGE
     try:
         return commands[args.command].main(args)

@@ -177,10 +177,13 @@ def session(args, new_machine, *, pre_notes=(), restartable: bool = False,
     if companion is not None:
         companion.notes = notes.add
     status = EXIT_VMM_ERROR
-    interrupted = {"machine": None}
+    # "term": a SIGTERM has come; one that arrives while a VM is being built (no
+    # machine to stop yet) stops it as soon as it exists, and ends the session.
+    interrupted = {"machine": None, "term": False}
     snapshot_on = getattr(args, "snapshot_on", None)
 
     def on_sigterm(signo, frame):
+        interrupted["term"] = True
         m = interrupted["machine"]
         if m is not None:
             m.stop()
@@ -191,6 +194,8 @@ def session(args, new_machine, *, pre_notes=(), restartable: bool = False,
         while True:
             with new_machine(out.write) as machine:
                 interrupted["machine"] = machine
+                if interrupted["term"]:     # came while new_machine() ran
+                    machine.stop()
                 notes.add(*pre_notes, *machine.notes)
                 kernel = getattr(machine, "kernel", None)
                 if kernel is not None and kernel.fallback_reason:
@@ -219,7 +224,7 @@ def session(args, new_machine, *, pre_notes=(), restartable: bool = False,
                 if os.environ.get("PYVMM_BENCH_STAMPS"):
                     _write_stamps(os.environ["PYVMM_BENCH_STAMPS"], machine)
             interrupted["machine"] = None
-            if result.reason is ExitReason.REBOOT and restartable:
+            if result.reason is ExitReason.REBOOT and restartable and not interrupted["term"]:
                 err("guest rebooted: restarting", out)
                 continue
             break

@@ -108,9 +108,10 @@ def add_output_options(p: argparse.ArgumentParser, *, timings_help: str,
                        timeout_help: str) -> None:
     """--console-log, --timings, --timeout (their meaning differs a little per command)."""
     p.add_argument("--console-log", metavar="FILE",
-                   help="append the guest's console output to FILE")
+                   help="append the guest's console output to FILE (a regular file or a "
+                        "character device; FIFOs and sockets are refused)")
     p.add_argument("--timings", action="store_true", help=timings_help)
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help=timeout_help)
+    p.add_argument("--timeout", type=seconds, metavar="SECONDS", help=timeout_help)
 
 
 def add_verbose(p: argparse.ArgumentParser) -> None:
@@ -172,6 +173,26 @@ class Notes:
 
 # -- value parsers --------------------------------------------------------------------
 
+def seconds(text: str) -> float:
+    """A timeout option's text -> a finite, positive number of seconds.
+
+    ``float()`` alone takes ``inf``, ``nan`` and ``1e309`` (= inf), which either
+    overflow the waits below (a traceback) or compare false with everything (``nan``:
+    no timeout at all), and ``-1`` (a VM stopped before it starts). As an argparse
+    ``type``: its ArgumentTypeError becomes the parser's one-line error (exit 2).
+    """
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    # threading's waits take at most threading.TIMEOUT_MAX (~292 years) as a float.
+    if not math.isfinite(value) or value <= 0 or value > 1e9:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a positive, finite number of seconds (at most 1e9)")
+    return value
+
+
 def check_file(path: str, what: str) -> Path:
     """``path`` as a Path if it is a readable file; else a UsageError naming ``what``."""
     p = Path(path)
@@ -210,6 +231,11 @@ def parse_mem(text: str) -> int:
     return size
 
 
+def _printable(text: str) -> str:
+    """``text`` as it can be printed (bytes that are not UTF-8 shown as escapes)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def parse_disk(spec: str):
     """``PATH[,ro][,snapshot][,serial=ID][,cache=writeback|none|unsafe]`` -> DiskConfig."""
     from vmm.config import DiskConfig
@@ -226,8 +252,11 @@ def parse_disk(spec: str):
         elif opt == "snapshot":
             disk.snapshot = True
         elif key == "serial" and value:
-            if len(value.encode()) > 20:
-                raise UsageError(f"--disk {spec}: serial is at most 20 bytes")
+            # virtio 1.2 §5.2.6 (VIRTIO_BLK_T_GET_ID): 20 bytes; vmm.devices.virtio.blk
+            # takes ASCII. (Command-line bytes that are not UTF-8 arrive as surrogates.)
+            if not value.isascii() or len(value) > 20:
+                raise UsageError(f"--disk {_printable(spec)}: serial is at most 20 ASCII "
+                                 "characters")
             disk.serial = value
         elif key == "cache" and value in ("writeback", "none", "unsafe"):
             disk.cache = value

@@ -20,7 +20,7 @@ import argparse
 
 from vmm.cli.common import (EXIT_USAGE, Notes, UsageError, add_machine_options,
                             add_output_options, add_snapshot_cache_option, add_verbose, err,
-                            parse_disk, parse_mem, verbose)
+                            parse_disk, parse_mem, seconds, verbose)
 
 EXIT_TIMEOUT = 124
 EXIT_FAILED = 125
@@ -41,7 +41,7 @@ def add_parser(subparsers) -> None:
     r.add_argument("--rootfs", metavar="IMG",
                    help="run CMD chrooted in this root filesystem image, on a throwaway "
                         "copy-on-write overlay (the image is never modified)")
-    r.add_argument("--boot-timeout", type=float, default=600, metavar="SECONDS",
+    r.add_argument("--boot-timeout", type=seconds, default=600.0, metavar="SECONDS",
                    help="give up if the guest is not ready after this long (default 600)")
     r.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE",
                    help="set an environment variable for CMD (repeatable)")
@@ -49,7 +49,8 @@ def add_parser(subparsers) -> None:
     r.add_argument("--copy-in", action="append", default=[], metavar="HOSTDIR:GUESTPATH",
                    help="make a host directory available read-only at GUESTPATH (repeatable)")
     r.add_argument("--copy-out", action="append", default=[], metavar="GUESTPATH:HOSTPATH",
-                   help="after CMD ends, copy GUESTPATH (file or tree) to HOSTPATH (repeatable)")
+                   help="after CMD ends, copy GUESTPATH (file or tree) to HOSTPATH (repeatable; "
+                        "each copy is bounded by --timeout, else --boot-timeout)")
     r.add_argument("--scratch-size", default="256M", metavar="SIZE",
                    help="size of the scratch disk --copy-out copies through (default 256M)")
     add_snapshot_cache_option(r, "the guest")
@@ -124,7 +125,8 @@ def main(args) -> int:
         err(str(e))
         return EXIT_USAGE
 
-    log = open(args.console_log, "ab", buffering=0) if args.console_log else None
+    from vmm.hostfiles import ConsoleLog
+    log = ConsoleLog(args.console_log, err) if args.console_log else None
 
     def console(data: bytes) -> None:
         if args.console:
@@ -167,8 +169,9 @@ def main(args) -> int:
                                stdout=lambda d: _write_fd(1, d), stderr=lambda d: _write_fd(2, d))
             times["command"] = time.monotonic()
             status = result.exit_code
-            for guest_path, host_path in copy_out:
-                guest.copy_out(guest_path, host_path)
+            for guest_path, host_path in copy_out:   # bounded too: --timeout, else
+                guest.copy_out(guest_path, host_path,  # --boot-timeout (Guest.copy_out)
+                               timeout=args.timeout)
             times["copy-out"] = time.monotonic()
         except GuestTimeout as e:
             failed(str(e))

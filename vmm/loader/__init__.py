@@ -117,8 +117,11 @@ def load_kernel(mem, path: str | Path, *, mode: str = "auto") -> LoadedKernel:
     if mode not in MODES:
         raise LoaderError(f"unknown kernel mode {mode!r} (use one of {', '.join(MODES)})")
     path = Path(path)
+    from vmm.hostfiles import HostFileError, open_regular
     try:
-        f = open(path, "rb")
+        f = open_regular(path, "kernel")      # a FIFO would block open() forever
+    except HostFileError as e:
+        raise LoaderError(str(e)) from None
     except OSError as e:
         raise LoaderError(f"{path}: cannot open kernel: {e.strerror}") from None
     try:

@@ -214,6 +214,15 @@ def load_protected_mode(mem: GuestMemory, f, hdr: SetupHeader, file_size: int) -
     # relocatable kernel, pref_address (its link address) for one that moves itself.
     runtime = addr if hdr.relocatable or not hdr.pref_address else hdr.pref_address
     end = max(addr + pm_size, runtime + hdr.init_size)
+    # Below 1 MiB are the zero page, the boot page tables, GDT and command line that
+    # pyvmm writes after loading the kernel (vmm/arch/x86_64/layout.py), and the EBDA
+    # and legacy hole; a pref_address (boot.rst, 2.10) or its init_size reaching there
+    # would have them overwrite the kernel. The ELF path refuses such segments too.
+    low = min(addr, runtime)
+    if low < layout.HIMEM_START:
+        raise LoaderError(f"kernel would be loaded at {low:#x} (pref_address "
+                          f"{hdr.pref_address:#x}), below {layout.HIMEM_START:#x}, where pyvmm "
+                          "puts the zero page and boot page tables")
     if not mem.contains(addr, end - addr):   # one region from the load address to the end
         if end > max(r.end for r in mem.regions):
             raise LoaderError(f"kernel needs {-(-end // layout.MiB)} MiB of RAM, "

@@ -33,8 +33,15 @@ def load_initrd(mem, path: str | Path, *, kernel, initrd_addr_max: int | None = 
     path = Path(path)
     if initrd_addr_max is None:
         initrd_addr_max = kernel.initrd_addr_max
+    from vmm.hostfiles import HostFileError, open_regular
     try:
-        with open(path, "rb") as f:
+        f = open_regular(path, "initrd")      # a FIFO would block open() forever
+    except HostFileError as e:
+        raise LoaderError(str(e)) from None
+    except OSError as e:
+        raise LoaderError(f"{path}: cannot read initrd: {e.strerror or e}") from None
+    try:
+        with f:
             size = os.fstat(f.fileno()).st_size
             if size == 0:
                 raise LoaderError(f"{path}: initrd is empty")
