@@ -277,6 +277,10 @@ class Guest:
             the VM's console thread).
         snapshot_cache: restore from / save to the cache of booted guests
             (vmm.snapshot.cache; also off with PYVMM_SNAPSHOT_CACHE=0).
+        net: a network card: "user" (passt), "tap=NAME", a vmm.config.NetConfig, or
+            None / "none" (default); a guest with one always boots (no snapshot cache).
+        publish: host ports forwarded to the guest with ``net="user"``
+            ("8080:80", "127.0.0.1:5353:53/udp"; vmm.net.parse_publish).
 
     Raises (from :meth:`start`):
         GuestError: the guest did not come up (the message has the console tail).
@@ -289,8 +293,14 @@ class Guest:
                  scratch_size: str | int | None = None, cmdline: str = "",
                  cpu_profile: str = "auto", loop: str | None = None,
                  boot_timeout: float = 600, console: Callable[[bytes], None] | None = None,
-                 rootfs: str | os.PathLike | None = None, snapshot_cache: bool = True):
+                 rootfs: str | os.PathLike | None = None, snapshot_cache: bool = True,
+                 net=None, publish: Iterable[str] = ()):
         from vmm.memory import parse_size
+
+        if isinstance(net, str) or (net is None and publish):
+            from vmm.net import parse_net
+            net = parse_net(net or "none", publish)  # NetError (a UserError) at once
+        self.net = net
 
         self.kernel = Path(kernel) if kernel is not None else None
         self.initrd = Path(initrd) if initrd is not None else None
@@ -401,8 +411,8 @@ class Guest:
                                loop=loop, console=self._on_console,
                                markers={defaultguest.READY_MARKER.encode(): "ready"},
                                quirks=setup.quirks, disks=disks, serial2=self._on_serial2,
-                               cpu_profile=setup.profile)
-        cache_key = self._cache_key(config) if not disks else None
+                               cpu_profile=setup.profile, net=self.net)
+        cache_key = self._cache_key(config) if not disks and self.net is None else None
         self._machine = self._restore(cache_key, loop) if cache_key else None
         if self._machine is None:
             self._machine = Machine(config)

@@ -216,8 +216,14 @@ class Machine:
         self.virtio: list[VirtioSlot] = []
         self.virtio_cmdline: list[str] = []
         self.disks = []
-        if not self.config.disks:
-            return
+        #: The virtio-net card (vmm.devices.virtio.net.VirtioNet), or None.
+        self.nic = None
+        if self.config.disks:
+            self._build_disks()
+        if self.config.net is not None:
+            self._build_nic(self.config.net)
+
+    def _build_disks(self) -> None:
         # Imported here: a VM without disks (most test guests) starts faster without it.
         from vmm.devices.virtio.blk import VirtioBlk
         for i, disk in enumerate(self.config.disks):
@@ -230,6 +236,32 @@ class Machine:
                             snapshot=disk.snapshot, overlay_file=saved)
             self.attach_virtio(blk, f"virtio-blk{i}")
             self.disks.append(blk)
+
+    def _build_nic(self, net) -> None:
+        """The virtio-net card of ``net`` (a vmm.config.NetConfig) and its backend,
+        whose fd the I/O thread serves (vmm.net)."""
+        from vmm.devices.virtio.net import RX_QUEUE, VirtioNet
+        from vmm.net import open_backend
+        backend = open_backend(net)
+        try:
+            nic = VirtioNet(backend, net.mac)
+        except BaseException:
+            backend.close()
+            raise
+        slot = self.attach_virtio(nic, "virtio-net0")
+        nic.request_rx = lambda t=slot.transport: t.notify(RX_QUEUE)
+        self.nic = nic
+        fd = backend.fileno()
+        if fd < 0:
+            return
+
+        def readable() -> None:
+            nic.on_readable()
+            if nic.backend_gone:  # EOF stays readable: stop watching it
+                self.io.remove_reader(fd)
+
+        self.io.add_reader(fd, readable)
+        self._closers.append(lambda: self.io.remove_reader(fd))
 
     def attach_virtio(self, device, name: str) -> VirtioSlot:
         """Put a virtio device model on the MMIO bus behind a virtio-mmio transport.
