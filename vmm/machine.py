@@ -240,20 +240,25 @@ class Machine:
     def _build_nic(self, net) -> None:
         """The virtio-net card of ``net`` (a vmm.config.NetConfig) and its backend,
         whose fd the I/O thread serves (vmm.net)."""
-        from vmm.devices.virtio.net import RX_QUEUE, VirtioNet
         from vmm.net import open_backend
-        backend = open_backend(net)
+        self.attach_nic(open_backend(net), net.mac)
+
+    def attach_nic(self, backend, mac: bytes, name: str = "virtio-net0"):
+        """A virtio-net card in front of ``backend`` (a vmm.net.base.NetBackend, which
+        the machine then owns) through :meth:`attach_virtio`; the I/O thread serves the
+        backend's fd. Returns the VirtioNet (also ``self.nic``)."""
+        from vmm.devices.virtio.net import RX_QUEUE, VirtioNet
         try:
-            nic = VirtioNet(backend, net.mac)
+            nic = VirtioNet(backend, mac)
         except BaseException:
             backend.close()
             raise
-        slot = self.attach_virtio(nic, "virtio-net0")
+        slot = self.attach_virtio(nic, name)
         nic.request_rx = lambda t=slot.transport: t.notify(RX_QUEUE)
         self.nic = nic
         fd = backend.fileno()
         if fd < 0:
-            return
+            return nic
 
         def readable() -> None:
             nic.on_readable()
@@ -262,6 +267,7 @@ class Machine:
 
         self.io.add_reader(fd, readable)
         self._closers.append(lambda: self.io.remove_reader(fd))
+        return nic
 
     def attach_virtio(self, device, name: str) -> VirtioSlot:
         """Put a virtio device model on the MMIO bus behind a virtio-mmio transport.
