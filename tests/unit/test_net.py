@@ -177,7 +177,7 @@ def test_tap_frames_both_ways():
             s.bind((name, 0))
             s.settimeout(5)
             out = b"\xff" * 6 + MAC + b"\x88\xb5" + b"to the host".ljust(46, b"\0")
-            t.send(out)
+            t.send([out])
             while s.recv(70000) != out:
                 pass
             into = MAC + bytes.fromhex("02aabbccddee") + b"\x88\xb5" + b"to the guest".ljust(46, b"\0")
@@ -203,7 +203,7 @@ def test_tap_that_cannot_be_opened():
 
 def test_socketpair_backend_round_trip():
     with base.SocketpairBackend() as b:
-        b.send(b"x" * 100)
+        b.send([b"x" * 60, b"x" * 40])
         assert base.peer_recv(b.peer) == b"x" * 100
         base.peer_send(b.peer, b"y" * 70)
         select.select([b.fileno()], [], [], 5)

@@ -352,3 +352,13 @@ def test_stream_framer():
     fr.feed(struct.pack("!I", MAX_FRAME + 1))
     with pytest.raises(ValueError):
         fr.frames()
+
+
+def test_stream_framer_push_keeps_partial_frames():
+    fr = StreamFramer()
+    one = struct.pack("!I", 4) + b"wxyz"
+    two = struct.pack("!I", 6) + b"abcdef"
+    assert fr.push(one + two[:5]) == [b"wxyz"]   # nothing held: parsed from the read
+    assert fr.push(two[5:7]) == []
+    assert fr.push(two[7:] + one) == [b"abcdef", b"wxyz"]
+    assert fr.push(b"") == []

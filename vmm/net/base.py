@@ -39,7 +39,8 @@ class NetBackend:
             (nothing ever arrives: ``--net none`` style backends).
         receive(): frames (bytes) that arrived, possibly none, at most what one read
             of the fd brings (a bounded list); never blocks. Raises EOFError when the peer is gone for good.
-        send(frame): transmit one Ethernet frame (bytes-like, <= MAX_FRAME bytes);
+        send(pieces): transmit one Ethernet frame (<= MAX_FRAME bytes) given as a list
+            of bytes-like pieces (views of guest memory, valid during the call only);
             raises OSError when it cannot (the device counts it as a tx error).
         close(): release everything (idempotent).
     """
@@ -52,7 +53,7 @@ class NetBackend:
     def receive(self) -> list[bytes]:
         return []
 
-    def send(self, frame) -> None:
+    def send(self, pieces: list) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -70,7 +71,7 @@ class NullBackend(NetBackend):
 
     name = "none"
 
-    def send(self, frame) -> None:
+    def send(self, pieces: list) -> None:
         pass
 
 
@@ -92,19 +93,33 @@ class StreamFramer:
         self._buf += data
 
     def frames(self) -> list[bytes]:
+        return self.push(b"")
+
+    def push(self, data) -> list[bytes]:
+        """Feed ``data`` and return the frames it completed (each copied once)."""
+        if self._buf:
+            self._buf += data
+            src = self._buf
+        else:
+            src = data  # nothing held: parse the read's own bytes, keep only the tail
         out = []
-        buf = self._buf
+        total = len(src)
         pos = 0
-        while len(buf) - pos >= 4:
-            (n,) = _LEN.unpack_from(buf, pos)
-            if n == 0 or n > MAX_FRAME:
-                raise ValueError(f"frame length {n} is outside 1..{MAX_FRAME}")
-            if len(buf) - pos - 4 < n:
-                break
-            out.append(bytes(buf[pos + 4:pos + 4 + n]))
-            pos += 4 + n
-        if pos:
-            del buf[:pos]
+        with memoryview(src) as mv:
+            while total - pos >= 4:
+                (n,) = _LEN.unpack_from(src, pos)
+                if n == 0 or n > MAX_FRAME:
+                    raise ValueError(f"frame length {n} is outside 1..{MAX_FRAME}")
+                if total - pos - 4 < n:
+                    break
+                out.append(bytes(mv[pos + 4:pos + 4 + n]))
+                pos += 4 + n
+            tail = bytearray(mv[pos:]) if src is not self._buf and pos < total else None
+        if src is self._buf:
+            if pos:
+                del self._buf[:pos]
+        elif tail is not None:
+            self._buf = tail
         return out
 
 
@@ -126,29 +141,38 @@ class StreamSocketBackend(NetBackend):
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self._framer = StreamFramer()
+        self._rbuf = bytearray(self.READ_SIZE)
 
     def fileno(self) -> int:
         return self.sock.fileno() if self.sock is not None else -1
 
     def receive(self) -> list[bytes]:
         """The frames completed by one read of at most READ_SIZE bytes."""
+        buf = self._rbuf
         try:
-            data = self.sock.recv(self.READ_SIZE, socket.MSG_DONTWAIT)
+            n = self.sock.recv_into(buf, self.READ_SIZE, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return []
         except ConnectionError as e:
             raise EOFError(f"{self.name}: {e.strerror}") from None
-        if not data:
+        if not n:
             raise EOFError(f"{self.name}: the peer closed the connection")
-        self._framer.feed(data)
-        try:
-            frames = self._framer.frames()
-        except ValueError as e:
-            raise EOFError(f"{self.name}: broken stream ({e})") from None
-        return frames
+        # Into one reused, already-faulted buffer: a fresh 256 KiB object per read
+        # would be a new mapping, page-faulted on every read.
+        with memoryview(buf) as mv, mv[:n] as data:
+            try:
+                return self._framer.push(data)
+            except ValueError as e:
+                raise EOFError(f"{self.name}: broken stream ({e})") from None
 
-    def send(self, frame) -> None:
-        self.sock.sendmsg([frame_header(len(frame)), frame])
+    def send(self, pieces: list) -> None:
+        n = sum(map(len, pieces))
+        # sendmsg may send part of it (a signal, a full buffer on a blocking socket is
+        # waited out); the rest goes after it so the stream stays framed.
+        sent = self.sock.sendmsg([frame_header(n), *pieces])
+        if sent < n + 4:
+            rest = b"".join([frame_header(n), *pieces])[sent:]
+            self.sock.sendall(rest)
 
     def close(self) -> None:
         if self.sock is not None:

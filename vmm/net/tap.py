@@ -82,9 +82,9 @@ class TapBackend(NetBackend):
             frames.append(data[VNET_HDR_SIZE:])
         return frames
 
-    def send(self, frame) -> None:
+    def send(self, pieces: list) -> None:
         try:
-            os.writev(self.fd, [_ZERO_HDR, frame])
+            os.writev(self.fd, [_ZERO_HDR, *pieces])
         except BlockingIOError:
             pass  # the interface's queue is full: the frame is lost, as on a wire
         except OSError as e:

@@ -8,7 +8,7 @@ With VERSION_1 every buffer starts with the 12-byte ``struct virtio_net_hdr`` in
 
 * tx (:meth:`VirtioNet.process_queue` on queue 1, on the VMM's I/O thread): each chain
   is header + frame in device-readable buffers; the frame (header stripped) goes to the
-  backend's ``send``. A chain with a device-writable buffer, a structural error, fewer
+  backend's ``send`` as views of guest memory, not copied. A chain with a device-writable buffer, a structural error, fewer
   than 12 bytes or more than MAX_BUFFER bytes is dropped and counted (``stats``).
 * rx (:meth:`VirtioNet.on_readable`, called by the I/O thread when the backend's fd is
   readable, and :meth:`process_queue` on queue 0 when the driver adds buffers): each
@@ -231,26 +231,30 @@ class VirtioNet:
         done = 0
         try:
             while (chain := q.pop()) is not None:
-                frame = self._tx_frame(chain)
+                pieces = self._tx_frame(chain)
+                if pieces is not None:
+                    try:
+                        self.backend.send(pieces)  # before add_used: the views are valid
+                    except OSError as e:
+                        self.stats["tx_errors"] += 1
+                        self._log_once(("tx", e.errno), "backend send failed: %s",
+                                       e.strerror)
+                    else:
+                        self.stats["tx_frames"] += 1
+                        self.stats["tx_bytes"] += sum(map(len, pieces))
+                    finally:
+                        for v in pieces:
+                            v.release()
                 # §5.1.6.2.1: the device writes nothing into a tx chain (used len 0).
                 q.add_used(chain.head_index, 0)
                 done += 1
-                if frame is None:
-                    continue
-                try:
-                    self.backend.send(frame)
-                except OSError as e:
-                    self.stats["tx_errors"] += 1
-                    self._log_once(("tx", e.errno), "backend send failed: %s", e.strerror)
-                    continue
-                self.stats["tx_frames"] += 1
-                self.stats["tx_bytes"] += len(frame)
         finally:
             if done and self._signal_used:
                 self._signal_used(TX_QUEUE)
 
-    def _tx_frame(self, chain: DescriptorChain) -> bytes | None:
-        """The frame of one tx chain (header stripped), or None (dropped, counted)."""
+    def _tx_frame(self, chain: DescriptorChain) -> list | None:
+        """The frame of one tx chain as views of guest memory (header stripped, valid
+        until the chain is returned), or None (dropped, counted)."""
         if chain.error:
             self.stats["tx_malformed"] += 1
             self._log_once(("tx-chain",), "malformed tx chain: %s", chain.error)
@@ -271,20 +275,20 @@ class VirtioNet:
             self.stats["tx_malformed"] += 1
             self._log_once(("tx-short",), "tx buffer of %d bytes has no header", total)
             return None
-        view = self._mem.host_view
-        descs = chain.descriptors
-        if len(descs) == 1:
-            d = descs[0]
-            return bytes(view[d.host + HDR_SIZE:d.host + d.len])
-        data = bytearray(total)
-        pos = 0
-        for d in descs:
-            data[pos:pos + d.len] = view[d.host:d.host + d.len]
-            pos += d.len
         # The header's fields ask for offloads (checksum, GSO) that were not negotiated:
-        # §5.1.6.2.1 the driver sets none of them, so they are not looked at.
-        del data[:HDR_SIZE]
-        return bytes(data)
+        # §5.1.6.2.1 the driver sets none of them, so they are not looked at. What
+        # follows it is the frame, in as many pieces as the driver made.
+        view = self._mem.host_view
+        pieces = []
+        skip = HDR_SIZE
+        for d in chain.descriptors:
+            n = d.len
+            if skip >= n:
+                skip -= n
+                continue
+            pieces.append(view[d.host + skip:d.host + n])
+            skip = 0
+        return pieces
 
     # -- rx (§5.1.6.3, §5.1.6.4) -------------------------------------------------------------
     def on_readable(self) -> None:
