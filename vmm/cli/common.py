@@ -218,9 +218,12 @@ def parse_mem(text: str) -> int:
 
 def parse_net_options(args):
     """--net and --publish -> a vmm.config.NetConfig, or None (no NIC)."""
+    net, publish = getattr(args, "net", "none"), getattr(args, "publish", ())
+    if net == "none" and not publish:
+        return None  # the usual case: vmm.net (socket, ...) stays off the boot path
     from vmm.net import NetError, parse_net
     try:
-        return parse_net(getattr(args, "net", "none"), getattr(args, "publish", ()))
+        return parse_net(net, publish)
     except NetError as e:
         raise UsageError(str(e)) from None
 
