@@ -34,6 +34,10 @@ START_TIMEOUT_S = 10.0
 #: guest's own, see passt's arp.c).
 PROBE_TARGET = bytes((169, 254, 255, 254))
 _PR_SET_PDEATHSIG = 1
+#: The MTU passt tells the guest (DHCP/NDP): its default, 65520, needs rx buffers the
+#: device does not ask for (no VIRTIO_NET_F_MRG_RXBUF or GUEST_TSO offered), and Linux's
+#: driver then posts 1518-byte buffers: bigger frames would be dropped (rx_too_big).
+GUEST_MTU = 1500
 
 
 def passt_path() -> str:
@@ -98,7 +102,7 @@ class PasstBackend(StreamSocketBackend):
         log = tempfile.TemporaryFile()
         try:
             cmd = [path, "--foreground", "--quiet", "--fd", str(theirs.fileno()),
-                   *passt_args(publish)]
+                   "--mtu", str(GUEST_MTU), *passt_args(publish)]
             try:
                 self.proc = subprocess.Popen(
                     cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
