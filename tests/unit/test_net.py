@@ -136,6 +136,17 @@ def test_passt_port_in_use_is_one_line_and_leaves_nothing():
     assert not passt_pids(f"/{port}:80")
 
 
+@needs_passt
+def test_two_passts_at_once():
+    from vmm.net.passt import PasstBackend
+    a_cfg, b_cfg = parse_net("user"), parse_net("user")
+    assert a_cfg.mac != b_cfg.mac
+    with PasstBackend(a_cfg.mac) as a, PasstBackend(b_cfg.mac) as b:
+        assert a.pid != b.pid and a.proc.poll() is None and b.proc.poll() is None
+        a.send([b"\xff" * 6 + a_cfg.mac + b"\x88\xb5" + bytes(46)])  # both serve frames
+        b.send([b"\xff" * 6 + b_cfg.mac + b"\x88\xb5" + bytes(46)])
+
+
 def test_passt_missing(monkeypatch, tmp_path):
     from vmm.net.passt import PasstBackend
     monkeypatch.setenv("PATH", str(tmp_path))

@@ -22,17 +22,32 @@ def make_frame(size: int, seq: int) -> bytes:
     return head + bytes((i * 7) & 0xFF for i in range(size - len(head)))
 
 
+class RecordingBackend(SocketpairBackend):
+    """A socketpair backend that notes which threads call it."""
+
+    def __init__(self):
+        super().__init__()
+        self.threads = set()
+
+    def receive(self):
+        self.threads.add(threading.current_thread().name)
+        return super().receive()
+
+    def send(self, pieces):
+        self.threads.add(threading.current_thread().name)
+        return super().send(pieces)
+
+
 def boot(tiny, loop, mode, size, count, peer_main):
     guest = tiny("netbench", {"MODE": int(mode == "rx"), "FRAME": size, "COUNT": count,
                               "QD": 8})
     out = bytearray()
-    backend = SocketpairBackend()
+    backend = RecordingBackend()
     peer = backend.peer
     peer.settimeout(30)
     with Machine(MachineConfig(kernel=guest, mem_size=64 << 20, loop=loop,
                                console=out.extend)) as m:
         nic = m.attach_nic(backend, MAC)
-        assert m.io.thread is None  # served by the I/O thread once the VM runs
         stop = threading.Event()
         t = threading.Thread(target=peer_main, args=(peer, m.virtio[-1].transport, stop),
                              daemon=True)
@@ -44,6 +59,7 @@ def boot(tiny, loop, mode, size, count, peer_main):
         t.join(10)
         stats = dict(nic.stats)
     assert result.reason is ExitReason.DEBUG_EXIT and result.status == 0, (result, out)
+    assert backend.threads == {"io"}  # never a vCPU thread
     return bytes(out), stats
 
 
