@@ -15,7 +15,8 @@ With VERSION_1 every buffer starts with the 12-byte ``struct virtio_net_hdr`` in
   frame fills one chain of device-writable buffers, header first. A frame that does not
   fit the chain is dropped (the chain comes back with length 0), counted. While the
   driver has posted no buffers, frames wait in a backlog of RX_BACKLOG frames; beyond it
-  they are dropped and counted (``rx_no_buffer``).
+  they are dropped and counted (``rx_no_buffer``), as are frames arriving before the
+  driver set DRIVER_OK.
 
 The device model holds no fd and issues no syscall but through its backend
 (vmm/net/base.py). Rings are only touched from ``process_queue`` (the transport's
@@ -302,6 +303,11 @@ class VirtioNet:
             log.warning("virtio-net %s: network backend gone: %s", format_mac(self.mac), e)
             return
         if not frames:
+            return
+        if self._mem is None:
+            # Not activated (no DRIVER_OK yet, or reset): nobody to give them to, and a
+            # reset would drop them anyway (a benign race with activation: one batch).
+            self.stats["rx_no_buffer"] += len(frames)
             return
         with self._lock:
             backlog = self._backlog
