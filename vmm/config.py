@@ -110,6 +110,7 @@ class MachineConfig:
         only. Called on a vCPU thread. Host-to-guest bytes: Machine.serial2.enqueue_input.
     cpu_profile: the name of the CPU profile the command line was made for ("host",
         "safe"; "" if none), recorded in snapshots (a restore must match it).
+    net: a NetConfig (one virtio-net card), or None: no network (the default).
     """
 
     def __init__(self, kernel: Path, *, mem_size: int = 256 << 20, cpus: int = 1,
@@ -118,7 +119,8 @@ class MachineConfig:
                  console: Callable[[bytes], None] = _discard,
                  markers: dict[bytes, str] | None = None, quirks: HostQuirks | None = None,
                  disks: list[DiskConfig] | None = None, system_map: Path | None = None,
-                 serial2: Callable[[bytes], None] = _discard, cpu_profile: str = ""):
+                 serial2: Callable[[bytes], None] = _discard, cpu_profile: str = "",
+                 net: "NetConfig | None" = None):
         self.kernel = kernel
         self.mem_size = mem_size
         self.cpus = cpus
@@ -134,7 +136,38 @@ class MachineConfig:
         self.system_map = system_map
         self.serial2 = serial2
         self.cpu_profile = cpu_profile
+        self.net = net
 
     def __repr__(self) -> str:
         return (f"MachineConfig(kernel={self.kernel!r}, mem_size={self.mem_size}, "
                 f"cpus={self.cpus}, kind={self.kind!r}, disks={self.disks!r})")
+
+
+#: NICs made in this process so far (each gets its own MAC: NetConfig).
+_nic_count = [0]
+
+
+class NetConfig:
+    """The virtio-net card (``--net user`` or ``--net tap=NAME``; see vmm.net).
+
+    mode: "user" (passt) or "tap". tap: the TAP device's name. publish: host ports
+    forwarded to the guest (vmm.net.Publish, ``user`` only). mac: 6 bytes; by default a
+    locally administered 52:54:xx:xx:xx:xx from this process's pid and a counter, so it
+    is stable for the VM (a restart with the same config keeps it) and distinct between
+    the VMs of a host at one time.
+    """
+
+    def __init__(self, mode: str, *, tap: str = "", publish=(), mac: bytes | None = None):
+        import os
+        self.mode = mode
+        self.tap = tap
+        self.publish = list(publish)
+        if mac is None:
+            _nic_count[0] += 1
+            n = (os.getpid() & 0xFFFFFF) << 8 | (_nic_count[0] & 0xFF)
+            mac = b"\x52\x54" + n.to_bytes(4, "big")
+        self.mac = mac
+
+    def __repr__(self) -> str:
+        return (f"NetConfig(mode={self.mode!r}, tap={self.tap!r}, publish={self.publish!r}, "
+                f"mac={':'.join(f'{b:02x}' for b in self.mac)})")

@@ -307,6 +307,10 @@ class Guest:
         restore: a directory :meth:`snapshot` saved a guest into: start from it
             instead of booting (kernel, RAM, disks and command line are the saved
             guest's; only ``console``, ``loop`` and ``boot_timeout`` apply).
+        net: a network card: "user" (passt), "tap=NAME", a vmm.config.NetConfig, or
+            None / "none" (default); a guest with one always boots (no snapshot cache).
+        publish: host ports forwarded to the guest with ``net="user"``
+            ("8080:80", "127.0.0.1:5353:53/udp"; vmm.net.parse_publish).
 
     Raises (from :meth:`start`):
         GuestError: the guest did not come up (the message has the console tail).
@@ -320,8 +324,14 @@ class Guest:
                  cpu_profile: str = "auto", loop: str | None = None,
                  boot_timeout: float = 600, console: Callable[[bytes], None] | None = None,
                  rootfs: str | os.PathLike | None = None, snapshot_cache: bool = True,
-                 restore: str | os.PathLike | None = None):
+                 restore: str | os.PathLike | None = None, net=None,
+                 publish: Iterable[str] = ()):
         from vmm.memory import parse_size
+
+        if isinstance(net, str) or (net is None and publish):
+            from vmm.net import parse_net
+            net = parse_net(net or "none", publish)  # NetError (a UserError) at once
+        self.net = net
 
         self.kernel = Path(kernel) if kernel is not None else None
         self.initrd = Path(initrd) if initrd is not None else None
@@ -437,7 +447,7 @@ class Guest:
         # With the snapshot cache, every guest boots (or is restored) with the same
         # EMPTY_DRIVES empty drives, so that one snapshot serves all of them, and its
         # disks are inserted once the agent is ready (vmm/disk/empty.py).
-        late = self._cache_enabled() and len(disks) <= EMPTY_DRIVES
+        late = self._cache_enabled() and len(disks) <= EMPTY_DRIVES and self.net is None
         extra = [defaultguest.AGENT_PARAM]
         if self.rootfs is not None and not late:
             extra.append(f"{defaultguest.ROOTFS_PARAM}=/dev/vda")
@@ -459,7 +469,8 @@ class Guest:
                                markers={defaultguest.READY_MARKER.encode(): "ready"},
                                quirks=setup.quirks, serial2=self._on_serial2,
                                disks=[DiskConfig.empty() for _ in range(EMPTY_DRIVES)]
-                               if late else disks, cpu_profile=setup.profile)
+                               if late else disks, cpu_profile=setup.profile,
+                               net=self.net)
         cache_key = self._cache_key(config) if late else None
         machine = self._restore(cache_key, loop) if cache_key else None
         self._start_machine(machine or Machine(config), cache_key, mounts, disks, media)

@@ -216,8 +216,14 @@ class Machine:
         self.virtio: list[VirtioSlot] = []
         self.virtio_cmdline: list[str] = []
         self.disks = []
-        if not self.config.disks:
-            return
+        #: The virtio-net card (vmm.devices.virtio.net.VirtioNet), or None.
+        self.nic = None
+        if self.config.disks:
+            self._build_disks()
+        if self.config.net is not None:
+            self._build_nic(self.config.net)
+
+    def _build_disks(self) -> None:
         # Imported here: a VM without disks (most test guests) starts faster without it.
         from vmm.devices.virtio.blk import VirtioBlk
         for i, disk in enumerate(self.config.disks):
@@ -254,6 +260,38 @@ class Machine:
         self.config.disks[index] = DiskConfig(disk.path, read_only=disk.read_only,
                                               serial=disk.serial, cache=disk.cache,
                                               snapshot=disk.snapshot, inserted=True)
+
+    def _build_nic(self, net) -> None:
+        """The virtio-net card of ``net`` (a vmm.config.NetConfig) and its backend,
+        whose fd the I/O thread serves (vmm.net)."""
+        from vmm.net import open_backend
+        self.attach_nic(open_backend(net), net.mac)
+
+    def attach_nic(self, backend, mac: bytes, name: str = "virtio-net0"):
+        """A virtio-net card in front of ``backend`` (a vmm.net.base.NetBackend, which
+        the machine then owns) through :meth:`attach_virtio`; the I/O thread serves the
+        backend's fd. Returns the VirtioNet (also ``self.nic``)."""
+        from vmm.devices.virtio.net import RX_QUEUE, VirtioNet
+        try:
+            nic = VirtioNet(backend, mac)
+        except BaseException:
+            backend.close()
+            raise
+        slot = self.attach_virtio(nic, name)
+        nic.request_rx = lambda t=slot.transport: t.notify(RX_QUEUE)
+        self.nic = nic
+        fd = backend.fileno()
+        if fd < 0:
+            return nic
+
+        def readable() -> None:
+            nic.on_readable()
+            if nic.backend_gone:  # EOF stays readable: stop watching it
+                self.io.remove_reader(fd)
+
+        self.io.add_reader(fd, readable)
+        self._closers.append(lambda: self.io.remove_reader(fd))
+        return nic
 
     def attach_virtio(self, device, name: str) -> VirtioSlot:
         """Put a virtio device model on the MMIO bus behind a virtio-mmio transport.

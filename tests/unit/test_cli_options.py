@@ -14,7 +14,7 @@ from vmm.cli import common
 
 CLI_DIR = Path(vmm.cli.__file__).parent
 SHARED = ("--mem", "--disk", "--cmdline", "--cpu-profile", "--loop", "--console-log",
-          "--timings", "--timeout")
+          "--timings", "--timeout", "--net", "--publish")
 
 
 def _modules() -> dict[str, ast.Module]:

@@ -16,8 +16,8 @@ import os
 
 from vmm.cli.common import (T0, EXIT_VMM_ERROR, Notes, UsageError, add_machine_options,
                             add_output_options, add_snapshot_cache_option, add_verbose,
-                            check_file, err, parse_cpus,
-                            parse_disk, parse_mem, verbose)
+                            check_file, err, parse_cpus, parse_disk, parse_mem,
+                            parse_net_options, verbose)
 
 
 def add_parser(subparsers) -> None:
@@ -85,6 +85,7 @@ def main(args) -> int:
     disks = [parse_disk(spec) for spec in args.disk]
     if args.root and not disks:
         raise UsageError("--root needs a --disk")
+    net = parse_net_options(args)
 
     if cpus > 1:
         _check_cpus(cpus)
@@ -115,7 +116,7 @@ def main(args) -> int:
             kernel=kernel, mem_size=mem_size, cpus=cpus, kind="raw" if args.raw else "linux",
             initrd=initrd, cmdline=linux.cmdline if linux else "", kernel_mode=args.kernel_mode,
             loop=args.loop or default_loop(), console=console, markers=markers, disks=disks,
-            system_map=system_map, cpu_profile=linux.profile if linux else "")
+            system_map=system_map, cpu_profile=linux.profile if linux else "", net=net)
         if linux is not None:
             config.quirks = linux.quirks
         return shell.build(config) if shell is not None else Machine(config)

@@ -82,7 +82,8 @@ DISK_METAVAR = "PATH[,ro][,snapshot][,serial=ID][,cache=MODE]"
 
 
 def add_machine_options(p: argparse.ArgumentParser) -> None:
-    """--mem, --disk, --cmdline, --cpu-profile, --loop: what the VM is made of."""
+    """--mem, --disk, --cmdline, --cpu-profile, --loop, --net, --publish: what the VM
+    is made of."""
     p.add_argument("--mem", default="256M",
                    help="guest RAM, e.g. 512M, 1G, 256 (MiB); default 256M")
     p.add_argument("--disk", action="append", default=[], metavar=DISK_METAVAR,
@@ -96,6 +97,18 @@ def add_machine_options(p: argparse.ArgumentParser) -> None:
                    help="host: nothing hidden; safe: work around an emulation-only KVM; "
                         "auto: detect (default)")
     add_loop_option(p)
+    add_net_options(p)
+
+
+def add_net_options(p: argparse.ArgumentParser) -> None:
+    """--net, --publish: the guest's network card (vmm.net); read by parse_net_options."""
+    p.add_argument("--net", default="none", metavar="none|user|tap=NAME",
+                   help="a virtio-net card: user (no root: NAT, DNS and the host's loopback "
+                        "through passt), tap=NAME (a TAP device; root or CAP_NET_ADMIN), "
+                        "none (default)")
+    p.add_argument("--publish", "-p", action="append", default=[],
+                   metavar="[HOSTADDR:]HOSTPORT:GUESTPORT[/tcp|/udp]",
+                   help="forward a host port to the guest (--net user; repeatable)")
 
 
 def add_loop_option(p: argparse.ArgumentParser) -> None:
@@ -234,6 +247,18 @@ def parse_mem(text: str) -> int:
 def _printable(text: str) -> str:
     """``text`` as it can be printed (bytes that are not UTF-8 shown as escapes)."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def parse_net_options(args):
+    """--net and --publish -> a vmm.config.NetConfig, or None (no NIC)."""
+    net, publish = getattr(args, "net", "none"), getattr(args, "publish", ())
+    if net == "none" and not publish:
+        return None  # the usual case: vmm.net (socket, ...) stays off the boot path
+    from vmm.net import NetError, parse_net
+    try:
+        return parse_net(net, publish)
+    except NetError as e:
+        raise UsageError(str(e)) from None
 
 
 def parse_disk(spec: str):

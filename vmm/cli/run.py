@@ -20,7 +20,7 @@ import argparse
 
 from vmm.cli.common import (EXIT_USAGE, Notes, UsageError, add_machine_options,
                             add_output_options, add_snapshot_cache_option, add_verbose, err,
-                            parse_disk, parse_mem, seconds, verbose)
+                            parse_disk, parse_mem, parse_net_options, seconds, verbose)
 
 EXIT_TIMEOUT = 124
 EXIT_FAILED = 125
@@ -93,6 +93,7 @@ def main(args) -> int:
             raise UsageError("run: no command given (pyvmm run [OPTIONS] -- CMD [ARGS...])")
         parse_mem(args.mem)
         disks = [parse_disk(spec) for spec in args.disk]
+        net = parse_net_options(args)
         env = {}
         for item in args.env:
             key, sep, value = item.partition("=")
@@ -142,6 +143,7 @@ def main(args) -> int:
                   snapshot_cache=not args.no_snapshot_cache,
                   copy_in=copy_in, scratch_size=args.scratch_size if copy_out else None,
                   cmdline=args.cmdline, cpu_profile=args.cpu_profile, loop=args.loop,
+                  net=net,
                   boot_timeout=args.boot_timeout, rootfs=args.rootfs,
                   console=console if (args.console or log) else None)
     notes = Notes(verbose(args))
