@@ -63,28 +63,30 @@ class ImageConfig:
             raise ConfigError(f"image config is not JSON: {e}") from None
         if not isinstance(doc, dict):
             raise ConfigError("image config is not a JSON object (OCI config.md)")
-        c = doc.get("config") or {}
+        c = doc.get("config")
+        c = {} if c is None else c
         if not isinstance(c, dict):
             raise ConfigError("image config: config is not an object (OCI config.md)")
         env = _strings(c.get("Env"), "Env")
         for item in env:
             if "=" not in item:
                 raise ConfigError(f"image config: Env entry {item!r} is not KEY=VALUE")
-        labels = c.get("Labels") or {}
+        labels = c.get("Labels")
+        labels = {} if labels is None else labels
         if not isinstance(labels, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
             raise ConfigError("image config: Labels is not a map of strings (OCI config.md)")
         fields = {}
         for key, name in (("WorkingDir", "workdir"), ("User", "user")):
-            value = c.get(key) or ""
-            if not isinstance(value, str):
+            value = c.get(key)
+            if value is not None and not isinstance(value, str):
                 raise ConfigError(f"image config: {key} is not a string (OCI config.md)")
-            fields[name] = value
+            fields[name] = value or ""
         for key in ("created", "architecture", "os"):
-            value = doc.get(key) or ""
-            if not isinstance(value, str):
+            value = doc.get(key)
+            if value is not None and not isinstance(value, str):
                 raise ConfigError(f"image config: {key} is not a string (OCI config.md)")
-            fields[key] = value
+            fields[key] = value or ""
         return cls(env=env, entrypoint=_strings(c.get("Entrypoint"), "Entrypoint"),
                    cmd=_strings(c.get("Cmd"), "Cmd"), labels=labels, **fields)
 
