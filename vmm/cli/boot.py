@@ -40,6 +40,9 @@ def add_parser(subparsers) -> None:
                    help="System.map naming kernel functions in crash diagnostics")
     b.add_argument("--root", action="store_true",
                    help="mount the first --disk as the root filesystem (root=/dev/vda)")
+    b.add_argument("--image", metavar="REF",
+                   help="a shell in this container image (from the store, pulled if absent), "
+                        "on a copy-on-write root (default guest only)")
     add_machine_options(b)
     add_output_options(b, timings_help="print a table of boot phases at exit",
                        timeout_help="stop the VM after this long")
@@ -83,6 +86,14 @@ def main(args) -> int:
     disks = [parse_disk(spec) for spec in args.disk]
     if args.root and not disks:
         raise UsageError("--root needs a --disk")
+    image_param = ""
+    if args.image:              # guests/initramfs/init: chroot into /dev/vda, its /bin/sh
+        if args.kernel is not None or args.root or args.raw:
+            raise UsageError("--image boots the default guest: no KERNEL, --raw or --root")
+        from vmm.config import DiskConfig
+        from vmm.image.run import find_image
+        disks.insert(0, DiskConfig(find_image(args.image).rootfs, snapshot=True))
+        image_param = f"{defaultguest.ROOTFS_PARAM}=/dev/vda"
 
     if cpus > 1:
         _check_cpus(cpus)
@@ -91,7 +102,8 @@ def main(args) -> int:
     if not args.raw:
         from vmm import linux as linuxboot
         root = f"root=/dev/vda {'ro' if disks[0].read_only else 'rw'}" if args.root else None
-        linux = linuxboot.prepare(args.cpu_profile, cpus, root=root, extra=args.cmdline,
+        linux = linuxboot.prepare(args.cpu_profile, cpus, root=root,
+                                  extra=" ".join(x for x in (image_param, args.cmdline) if x),
                                   replace=args.cmdline_replace)
 
     def new_machine(console):
