@@ -82,3 +82,34 @@ def test_run_image_without_shell(default_guest, tmp_path, store_env):  # noqa: F
     r = _run("--image", f"oci:{layout}:t", "-w", "/data", "--", "pwd")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout == "/data\n", r.stdout + r.stderr
+
+
+@pytest.mark.linux
+def test_boot_image_shell(default_guest, tmp_path, store_env):  # noqa: F811
+    """pyvmm boot --image: the console shell runs in the image (its files, its /bin/sh);
+    the shell's exit powers the guest off (status 0)."""
+    import shlex
+
+    pexpect = pytest.importorskip("pexpect")
+    from tests.linux.conftest import pyvmm_command
+    layout = make_image(tmp_path, [busybox_layer() + [entry("etc/marker", b"in-the-image\n")]])
+    assert pyvmm("pull", "-q", f"oci:{layout}:t").returncode == 0
+    cmd = " ".join(shlex.quote(a) for a in pyvmm_command())
+    child = pexpect.spawn("sh", ["-c", f"{cmd} boot --timeout 600 --image oci:{layout}:t; "
+                                       "echo pyvmm-status=$?"],
+                          encoding="utf-8", codec_errors="replace", timeout=600)
+    out = []
+    try:
+        child.expect(r"[#$] ", timeout=600)
+        child.send("cat /etc/marker; ls /bin/ | wc -l\r")
+        child.expect(r"\r\nin-the-image\r\n\s*(\d+)\r\n", timeout=60)
+        out.append(child.match.group(1))
+        child.send("exit\r")
+        child.expect(r"pyvmm-status=(\d+)", timeout=120)
+        out.append(child.match.group(1))
+    except (pexpect.TIMEOUT, pexpect.EOF) as e:
+        pytest.fail(f"{type(e).__name__}: {(child.before or '')[-3000:]}")
+    finally:
+        child.close(force=True)
+    # busybox_layer(): busybox and its 10 applet links (the initramfs has hundreds).
+    assert out == ["11", "0"], out
