@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.image.conftest import (busybox_layer, directory, entry, make_image, pyvmm,
-                                  stat_in_image, tool, tree_listing)
+from tests.image.conftest import (busybox_layer, directory, entry, free_port, make_image,
+                                  pyvmm, stat_in_image, tool, tree_listing)
 
 UID_FILE = "home/user/notes.txt"
 
@@ -195,7 +195,6 @@ def test_bad_reference(populated, ref):
 
 
 def test_unreachable_registry(populated):
-    from tests.image.conftest import free_port
     store, before = populated
     r = pyvmm("pull", "--tls-verify=false", f"127.0.0.1:{free_port()}/x:1")
     one_line_failure(r)
@@ -261,3 +260,23 @@ def test_concurrent_pulls(pushed, registry, store_env):
         ["sha256-" + digest[7:]]
     assert json.loads((store_env / "index.json").read_text())["tags"] == {ref: digest}
     assert os.listdir(store_env / ".tmp") == []
+
+
+def test_push_then_pull_round_trips(pushed, registry, store_env):
+    """An image pulled from a file, pushed to the registry, pulled back from there: the
+    same manifest digest, and the registry serves it to skopeo as any image."""
+    ref, digest, layout = pushed
+    assert pyvmm("pull", "-q", f"oci:{layout}:t").returncode == 0
+    dest = f"{registry.host}/test/pushed:2"
+    r = pyvmm("push", "--tls-verify=false", f"oci:{layout}:t", dest)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == digest
+    inspect = subprocess.run([tool("skopeo"), "inspect", "--tls-verify=false",
+                              f"docker://{dest}"], capture_output=True, text=True, check=True)
+    assert json.loads(inspect.stdout)["Digest"] == digest
+    shutil.rmtree(store_env)
+    r = pyvmm("pull", "-q", "--tls-verify=false", dest)
+    assert r.returncode == 0 and r.stdout.strip() == digest, r.stderr
+    check_rich_rootfs(stored(store_env, digest) / "rootfs.ext4")
+    one_line_failure(pyvmm("push", "no/such:image", dest))
+    one_line_failure(pyvmm("push", "--tls-verify=false", dest, f"127.0.0.1:{free_port()}/x:1"))

@@ -13,7 +13,8 @@ The pipeline, each step a maintained tool:
   4. fix-up: ``debugfs -w`` gives every inode the owner the image says, drops the
      rootlesscontainers xattr, and makes the device nodes (read from the layers' tar
      headers, with later layers' whiteouts applied);
-  5. commit: the staged image directory is renamed into the store (vmm.image.store).
+  5. commit: the staged image directory (the ext4 image, the config, and the OCI layout
+     as pulled, for ``pyvmm push``) is renamed into the store (vmm.image.store).
 A failure anywhere removes the staging directory: the store is as it was.
 """
 
@@ -392,6 +393,8 @@ def pull(ref: str, store: Store | None = None, tls_verify: bool = True,
             _debugfs(out / "rootfs.ext4", cmds)
             progress.update(task, "make ext4 image", done=True)
 
+            # The OCI layout too (blobs as pulled, compressed): pyvmm push sends it as is.
+            os.rename(layout, out / "oci")
             (out / "config.json").write_bytes(config_blob)
             (out / "info.json").write_text(json.dumps({
                 "digest": digest, "size": size, "created": config.created,

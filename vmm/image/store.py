@@ -8,6 +8,7 @@ Layout (under ``$XDG_DATA_HOME/pyvmm/images``, default ``~/.local/share/pyvmm/im
         rootfs.ext4        its root filesystem (ownership, modes, devices as in the image)
         config.json        the OCI image config blob, as pulled
         info.json          {"digest", "size" (bytes unpacked), "created", "source"}
+        oci/               the image as pulled, an OCI layout (tag "img"): what push sends
     .lock                  flock(2)ed by every change to the index or the image directories
     .tmp/PID-XXXX/         work in progress: a pull stages its image here, and a commit
                            renames the directory into place (same file system)
