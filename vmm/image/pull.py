@@ -3,8 +3,8 @@
 The pipeline, each step a maintained tool:
   1. fetch: ``skopeo copy SRC oci:STAGING/oci:img`` (docker://, oci:, oci-archive:,
      docker-archive:); skopeo checks every blob against its digest;
-  2. unpack: ``umoci unpack --rootless`` applies the layers (whiteouts, opaque
-     directories: OCI image-spec "layer.md") into a bundle. Rootless, so root and
+  2. unpack: ``umoci raw unpack --rootless`` applies the layers (whiteouts, opaque
+     directories: OCI image-spec "layer.md") into a directory. Rootless, so root and
      unprivileged users get the same result: umoci records each file's owner in the
      ``user.rootlesscontainers`` xattr (a protobuf: 1 = uid, 2 = gid; absent = 0:0)
      and leaves an empty file where the image has a device node;
@@ -376,16 +376,17 @@ def pull(ref: str, store: Store | None = None, tls_verify: bool = True,
                                 "pyvmm runs linux/amd64")
 
             task = progress.step("unpack layers")
-            bundle = staging / "bundle"
-            _run([tools["umoci"], "unpack", "--rootless", "--image", f"{layout}:img",
-                  str(bundle)], f"pull {ref}: unpack", progress, task, "unpack")
+            # raw unpack: the rootfs alone, without the bundle's mtree manifest (which
+            # hashes every file: most of umoci unpack's time, and pyvmm never repacks).
+            rootfs = staging / "rootfs"
+            _run([tools["umoci"], "raw", "unpack", "--rootless", "--image", f"{layout}:img",
+                  str(rootfs)], f"pull {ref}: unpack", progress, task, "unpack")
             devices = device_nodes(layout, manifest["layers"])
             progress.update(task, "unpack layers", done=True)
 
             task = progress.step("make ext4 image")
             out = staging / "image"
             out.mkdir()
-            rootfs = bundle / "rootfs"
             cmds, size, inodes = fixup_script(rootfs, devices)
             image_size = max(16 << 20, int(size * 1.25) + inodes * 256 + (16 << 20))
             make_ext4(rootfs, out / "rootfs.ext4", image_size,
