@@ -280,3 +280,31 @@ def test_push_then_pull_round_trips(pushed, registry, store_env):
     check_rich_rootfs(stored(store_env, digest) / "rootfs.ext4")
     one_line_failure(pyvmm("push", "no/such:image", dest))
     one_line_failure(pyvmm("push", "--tls-verify=false", dest, f"127.0.0.1:{free_port()}/x:1"))
+
+
+def test_zstd_layers(pushed, tmp_path, store_env):
+    """zstd-compressed layers (umoci 0.4.7 cannot apply them: a gzip copy is unpacked,
+    the store keeps the image as pulled, with its own digest)."""
+    ref, digest, layout = pushed
+    zstd = tmp_path / "zstd"
+    subprocess.run([tool("skopeo"), "copy", "-q", "--dest-compress",
+                    "--dest-compress-format", "zstd", f"oci:{layout}:t", f"oci:{zstd}:t"],
+                   check=True)
+    r = pyvmm("pull", "-q", f"oci:{zstd}:t")
+    assert r.returncode == 0, r.stderr
+    path = stored(store_env, r.stdout.strip())
+    manifest = json.loads((path / "oci" / "index.json").read_text())["manifests"][0]
+    assert manifest["digest"] == r.stdout.strip() != digest
+    check_rich_rootfs(path / "rootfs.ext4")
+
+
+def test_stale_staging_is_removed(pushed, store_env):
+    """What a killed pull left (a staging directory of a process that is gone) goes at
+    the next change to the store; a live process's staging stays."""
+    ref, digest, layout = pushed
+    stale = store_env / ".tmp" / "999999999-dead"
+    live = store_env / ".tmp" / f"{os.getppid()}-live"
+    for d in (stale, live):
+        (d / "rootfs").mkdir(parents=True)
+    assert pyvmm("pull", "-q", f"oci:{layout}:t").returncode == 0
+    assert not stale.exists() and live.exists()

@@ -376,10 +376,20 @@ def pull(ref: str, store: Store | None = None, tls_verify: bool = True,
                                 "pyvmm runs linux/amd64")
 
             task = progress.step("unpack layers")
+            unpack_from = layout
+            if any("zstd" in str(layer.get("mediaType", "")) for layer in manifest["layers"]):
+                # umoci 0.4.7 applies gzip and plain tar layers only: recompress a copy
+                # for unpacking; the store keeps the image (and its digest) as pulled.
+                unpack_from = staging / "gzip"
+                progress.update(task, "unpack: recompressing zstd layers for umoci")
+                _run([tools["skopeo"], "copy", "-q", "--dest-compress",
+                      "--dest-compress-format", "gzip", f"oci:{layout}:img",
+                      f"oci:{unpack_from}:img"], f"pull {ref}: recompress", progress, task,
+                     "unpack")
             # raw unpack: the rootfs alone, without the bundle's mtree manifest (which
             # hashes every file: most of umoci unpack's time, and pyvmm never repacks).
             rootfs = staging / "rootfs"
-            _run([tools["umoci"], "raw", "unpack", "--rootless", "--image", f"{layout}:img",
+            _run([tools["umoci"], "raw", "unpack", "--rootless", "--image", f"{unpack_from}:img",
                   str(rootfs)], f"pull {ref}: unpack", progress, task, "unpack")
             devices = device_nodes(layout, manifest["layers"])
             progress.update(task, "unpack layers", done=True)
