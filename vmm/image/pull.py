@@ -339,9 +339,43 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, onerror=onerror)
 
 
+def layout_to_ext4(layout: Path, manifest: dict, work: Path, ext4: Path,
+                   progress: "_Progress | None" = None, ref: str = "image") -> int:
+    """Steps 2-4 of a pull: the image in ``layout`` as the ext4 image ``ext4`` (unpacked
+    in ``work``, which the caller removes). Returns the tree's size in bytes."""
+    from vmm.images import make_ext4
+    progress = progress or _Progress(quiet=True)
+    task = progress.step("unpack layers")
+    unpack_from = layout
+    if any("zstd" in str(layer.get("mediaType", "")) for layer in manifest["layers"]):
+        # umoci 0.4.7 applies gzip and plain tar layers only: recompress a copy
+        # for unpacking; the store keeps the image (and its digest) as pulled.
+        unpack_from = work / "gzip"
+        progress.update(task, "unpack: recompressing zstd layers for umoci")
+        _run([_tool("skopeo"), "copy", "-q", "--dest-compress",
+              "--dest-compress-format", "gzip", f"oci:{layout}:img",
+              f"oci:{unpack_from}:img"], f"pull {ref}: recompress", progress, task, "unpack")
+    # raw unpack: the rootfs alone, without the bundle's mtree manifest (which
+    # hashes every file: most of umoci unpack's time, and pyvmm never repacks).
+    rootfs = work / "rootfs"
+    _run([_tool("umoci"), "raw", "unpack", "--rootless", "--image", f"{unpack_from}:img",
+          str(rootfs)], f"pull {ref}: unpack", progress, task, "unpack")
+    devices = device_nodes(layout, manifest["layers"])
+    progress.update(task, "unpack layers", done=True)
+
+    task = progress.step("make ext4 image")
+    cmds, size, inodes = fixup_script(rootfs, devices)
+    image_size = max(16 << 20, int(size * 1.25) + inodes * 256 + (16 << 20))
+    make_ext4(rootfs, ext4, image_size, inodes=max(4096, inodes + inodes // 4 + 256))
+    _debugfs(ext4, cmds)
+    progress.update(task, "make ext4 image", done=True)
+    return size
+
+
 def pull(ref: str, store: Store | None = None, tls_verify: bool = True,
-         quiet: bool | None = None):
-    """Pull ``ref`` into ``store``; returns the stored vmm.image.store.Image.
+         quiet: bool | None = None, name: str | None = None):
+    """Pull ``ref`` into ``store`` (tagged ``name``, default the reference's own name);
+    returns the stored vmm.image.store.Image.
 
     Raises:
         PullError: bad reference, unreachable registry, corrupt or unsupported image
@@ -349,7 +383,6 @@ def pull(ref: str, store: Store | None = None, tls_verify: bool = True,
         HostError: skopeo, umoci or e2fsprogs missing.
     """
     from vmm.image.config import ImageConfig
-    from vmm.images import make_ext4
 
     reference = Reference(ref)
     store = store or Store()
@@ -375,34 +408,9 @@ def pull(ref: str, store: Store | None = None, tls_verify: bool = True,
                 raise PullError(f"pull {ref}: image is {config.os}/{config.architecture}, "
                                 "pyvmm runs linux/amd64")
 
-            task = progress.step("unpack layers")
-            unpack_from = layout
-            if any("zstd" in str(layer.get("mediaType", "")) for layer in manifest["layers"]):
-                # umoci 0.4.7 applies gzip and plain tar layers only: recompress a copy
-                # for unpacking; the store keeps the image (and its digest) as pulled.
-                unpack_from = staging / "gzip"
-                progress.update(task, "unpack: recompressing zstd layers for umoci")
-                _run([tools["skopeo"], "copy", "-q", "--dest-compress",
-                      "--dest-compress-format", "gzip", f"oci:{layout}:img",
-                      f"oci:{unpack_from}:img"], f"pull {ref}: recompress", progress, task,
-                     "unpack")
-            # raw unpack: the rootfs alone, without the bundle's mtree manifest (which
-            # hashes every file: most of umoci unpack's time, and pyvmm never repacks).
-            rootfs = staging / "rootfs"
-            _run([tools["umoci"], "raw", "unpack", "--rootless", "--image", f"{unpack_from}:img",
-                  str(rootfs)], f"pull {ref}: unpack", progress, task, "unpack")
-            devices = device_nodes(layout, manifest["layers"])
-            progress.update(task, "unpack layers", done=True)
-
-            task = progress.step("make ext4 image")
             out = staging / "image"
             out.mkdir()
-            cmds, size, inodes = fixup_script(rootfs, devices)
-            image_size = max(16 << 20, int(size * 1.25) + inodes * 256 + (16 << 20))
-            make_ext4(rootfs, out / "rootfs.ext4", image_size,
-                      inodes=max(4096, inodes + inodes // 4 + 256))
-            _debugfs(out / "rootfs.ext4", cmds)
-            progress.update(task, "make ext4 image", done=True)
+            size = layout_to_ext4(layout, manifest, staging, out / "rootfs.ext4", progress, ref)
 
             # The OCI layout too (blobs as pulled, compressed): pyvmm push sends it as is.
             os.rename(layout, out / "oci")
@@ -410,6 +418,7 @@ def pull(ref: str, store: Store | None = None, tls_verify: bool = True,
             (out / "info.json").write_text(json.dumps({
                 "digest": digest, "size": size, "created": config.created,
                 "source": ref}, indent=1) + "\n")
-            return store.commit(out, digest, [reference.name] if reference.name else [])
+            tag = name or reference.name
+            return store.commit(out, digest, [tag] if tag else [])
     finally:
         _rmtree(staging)
