@@ -8,11 +8,13 @@ Measures, in one run on this host, with a local registry (Debian's docker-regist
   * ``pyvmm pull`` into an empty store (fetch + umoci unpack + mkfs.ext4 + debugfs);
     the ratio pull / skopeo is what pyvmm's own steps cost on top of the fetch;
   * with ``--run``: ``pyvmm run --image REF -- true`` cold (image not in the store:
-    pull + boot) and warm (in the store: boot only), one Linux boot each.
+    pull + boot) and warm (in the store: boot only), one Linux boot each;
+  * with ``--build``: ``pyvmm build`` of FROM that image + one RUN (a boot), then the
+    same build again with nothing changed (all steps cached: no guest).
 Median of ``--runs`` for the first two. Prints a rich table, then one line per figure:
 ``bench_image <name> <milliseconds>``. Compare figures only within one run.
 
-    python scripts/bench_image.py [--runs 3] [--files 500] [--run]
+    python scripts/bench_image.py [--runs 3] [--files 500] [--run] [--build]
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--files", type=int, default=500)
     ap.add_argument("--run", action="store_true", help="also pyvmm run --image (two boots)")
+    ap.add_argument("--build", action="store_true",
+                    help="also pyvmm build with one RUN step, then a no-change rebuild (one boot)")
     a = ap.parse_args()
     pyvmm = [sys.executable, "-m", "vmm.cli"]
     work = Path(tempfile.mkdtemp(prefix="pyvmm-bench-image-"))
@@ -82,6 +86,15 @@ def main() -> None:
                 [*pyvmm, "run", "--image", f"oci:{layout}:t", "--", "true"], env)]
             figures["run_image_warm"] = [timed(
                 [*pyvmm, "run", "--image", f"oci:{layout}:t", "--", "true"], env)]
+        if a.build:
+            env = dict(os.environ, XDG_DATA_HOME=str(work / "store-build"))
+            env.pop("PYVMM_IMAGE_STORE", None)
+            timed([*pyvmm, "pull", "-q", f"oci:{layout}:t"], env)
+            ctx = work / "ctx"
+            ctx.mkdir()
+            (ctx / "Containerfile").write_text(f"FROM oci:{layout}:t\nRUN echo built > /made\n")
+            figures["build_first"] = [timed([*pyvmm, "build", "-t", "b:1", str(ctx)], env)]
+            figures["build_nochange"] = [timed([*pyvmm, "build", "-t", "b:1", str(ctx)], env)]
     finally:
         reg.stop()
         shutil.rmtree(work, ignore_errors=True)

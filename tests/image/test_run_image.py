@@ -62,6 +62,7 @@ def _run(*args, timeout=900):
 
 
 @pytest.mark.linux
+@pytest.mark.timeout(700)
 def test_run_image_config_honoured(default_guest, tmp_path, store_env):  # noqa: F811
     """Entrypoint + Cmd, Env (-e on top), WorkingDir, User (groups, HOME), exit status."""
     layout = make_image(tmp_path, app_layers(), config=APP_CONFIG)
@@ -72,6 +73,7 @@ def test_run_image_config_honoured(default_guest, tmp_path, store_env):  # noqa:
 
 
 @pytest.mark.linux
+@pytest.mark.timeout(700)
 def test_run_image_without_shell(default_guest, tmp_path, store_env):  # noqa: F811
     """An image with no /bin/sh (two copies of static busybox): the arguments after --
     replace Cmd (found in the default PATH), -w sets the directory; not pulled before."""
@@ -85,6 +87,7 @@ def test_run_image_without_shell(default_guest, tmp_path, store_env):  # noqa: F
 
 
 @pytest.mark.linux
+@pytest.mark.timeout(700)
 def test_boot_image_shell(default_guest, tmp_path, store_env):  # noqa: F811
     """pyvmm boot --image: the console shell runs in the image (its files, its /bin/sh);
     the shell's exit powers the guest off (status 0)."""

@@ -157,7 +157,7 @@ def _run_step(layout: Path, work: Path, argv: list[str], env: dict, workdir: str
     layout_to_ext4(layout, manifest, work / "unpack", ext4)
     _rmtree(work / "unpack")
     tree = ("mkdir -p /run/pyvmm-tree && mount /dev/vda /run/pyvmm-tree && "
-            "tar -c --numeric-owner -f /tmp/{0}.tar -C /run/pyvmm-tree . ; s=$?; "
+            "tar -c --numeric-owner -f /rootfs/tmp/.pyvmm-{0}.tar -C /run/pyvmm-tree . ; s=$?; "
             "umount /run/pyvmm-tree; exit $s")
     size = ext4.stat().st_size
     with Guest(rootfs=ext4, mem=BUILD_MEM, scratch_size=max(64 << 20, 3 * size),
@@ -168,8 +168,10 @@ def _run_step(layout: Path, work: Path, argv: list[str], env: dict, workdir: str
             if r.exit_code != 0:
                 raise BuildError(f"{where}: RUN exited with status {r.exit_code}")
             g.run("sync; " + tree.format("after"), env=OUTSIDE_ROOT).check()
-            g.copy_out("/tmp/before.tar", work / "before.tar")
-            g.copy_out("/tmp/after.tar", work / "after.tar")
+            # copy_out's paths are inside the root: its /tmp is the tmpfs init mounted
+            # on /rootfs/tmp (not in the second mount the tars are taken from).
+            g.copy_out("/tmp/.pyvmm-before.tar", work / "before.tar")
+            g.copy_out("/tmp/.pyvmm-after.tar", work / "after.tar")
         except GuestError as e:
             raise BuildError(f"{where}: RUN: {e}") from None
     layer = diff_layer(work / "before.tar", work / "after.tar")
