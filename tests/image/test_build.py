@@ -117,3 +117,29 @@ CMD ["cat", "/srv/made.txt"]
     again = pyvmm("build", "-t", "withrun:1", str(ctx), timeout=300)
     assert again.returncode == 0 and again.stderr.count("--> cached") == 2, again.stderr
     assert "run-output-builder" not in again.stderr     # the step line has $WHO
+
+
+def test_diff_layer(tmp_path):
+    """New and changed entries, one whiteout per removed subtree, names kept inside the
+    root (the tars come from the guest)."""
+    import io
+    import tarfile
+
+    from vmm.image.build import diff_layer
+
+    def mk(path, entries):
+        with tarfile.open(path, "w") as t:
+            for name, data in entries:
+                ti = tarfile.TarInfo(name)
+                if data is None:
+                    ti.type = tarfile.DIRTYPE
+                    t.addfile(ti)
+                else:
+                    ti.size = len(data)
+                    t.addfile(ti, io.BytesIO(data))
+    mk(tmp_path / "b.tar", [("./", None), ("./a", b"1"), ("./d", None), ("./d/x", b"x"),
+                            ("./.h", b"h"), ("./same", b"s")])
+    mk(tmp_path / "a.tar", [("./", None), ("./a", b"2"), ("./.h", b"h"), ("./same", b"s"),
+                            ("./../../evil", b"e")])
+    with tarfile.open(fileobj=io.BytesIO(diff_layer(tmp_path / "b.tar", tmp_path / "a.tar"))) as t:
+        assert [m.name for m in t] == ["a", "evil", ".wh.d"]

@@ -112,15 +112,21 @@ def _index(tar_path: Path) -> dict:
                 continue
             digest = b""
             if m.isreg():
-                f = tar.extractfile(m)
-                digest = hashlib.sha256(f.read()).digest()
+                f, h = tar.extractfile(m), hashlib.sha256()
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+                digest = h.digest()
             out[name] = ((m.type, m.mode, m.uid, m.gid, m.size, m.mtime, m.linkname,
                           m.devmajor, m.devminor, digest), m)
     return out
 
 
 def diff_layer(before: Path, after: Path) -> bytes:
-    """The layer that turns the tree of tar ``before`` into that of tar ``after``."""
+    """The layer that turns the tree of tar ``before`` into that of tar ``after``.
+
+    The tars come from the guest, which the RUN command controls: names are made
+    relative and ``..``-free here, their size is bounded by the scratch disk they came
+    through, and the layer is applied by umoci (made for untrusted layers) later."""
     old = _index(before)
     new = _index(after)
     buf = io.BytesIO()
