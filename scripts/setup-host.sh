@@ -3,7 +3,8 @@
 # guest (Debian/Ubuntu hosts). Idempotent: does nothing when everything is present.
 set -euo pipefail
 pkgs=(build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils lz4 zstd
-      linux-source-6.1 busybox-static e2fsprogs musl-tools passt)
+      linux-source-6.1 busybox-static e2fsprogs musl-tools passt skopeo umoci
+      docker-registry)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

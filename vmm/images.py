@@ -29,13 +29,14 @@ def dir_size(path: Path) -> int:
 
 
 def make_ext4(source: str | os.PathLike | None, image: str | os.PathLike, size: int | None = None,
-              label: str = "pyvmm") -> Path:
+              label: str = "pyvmm", inodes: int | None = None) -> Path:
     """Create ``image`` as an ext4 filesystem holding a copy of ``source`` (or empty).
 
     Args:
         source: host directory to copy in, or None for an empty filesystem.
         image: output file (replaced if it exists).
         size: bytes; default: the directory's size plus room (at least 16 MiB).
+        inodes: how many inodes to make (mkfs.ext4 -N); default: mkfs.ext4's choice.
     """
     mkfs = shutil.which("mkfs.ext4") or next((p for p in ("/sbin/mkfs.ext4", "/usr/sbin/mkfs.ext4")
                                              if os.path.exists(p)), None)
@@ -58,6 +59,8 @@ def make_ext4(source: str | os.PathLike | None, image: str | os.PathLike, size: 
         with open(tmp, "wb") as f:
             f.truncate(size)
         cmd = [mkfs, "-q", "-F", "-L", label, "-E", "root_owner=0:0", "-O", "^has_journal"]
+        if inodes is not None:
+            cmd += ["-N", str(inodes)]
         if source is not None:
             cmd += ["-d", str(source)]
         r = subprocess.run([*cmd, str(tmp)], capture_output=True, text=True,

@@ -22,6 +22,9 @@
  *   'X' EXIT     u8 how (0: exited, 1: killed by a signal), i32 code (status / signal)
  *
  * One command at a time: RUN -> any number of O/E -> one X; then the next RUN.
+ * Two variables of a RUN's environment are for the agent itself (never passed on):
+ * PYVMM_OUTSIDE_ROOT=1 runs the command outside --root; PYVMM_USER=UID:GID[:G1,G2]
+ * runs it as that user (after the chroot).
  * The command gets stdin = /dev/null and two pipes; argv[0] is looked up in PATH
  * (a failed exec reports status 127 and a message on its stderr, as shells do).
  * Processes it leaves behind keep running; the agent is a child subreaper and reaps
@@ -59,6 +62,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <grp.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/prctl.h>
@@ -222,6 +226,40 @@ static const char *recorded_root(void)
 	return buf;
 }
 
+/* PYVMM_USER=UID:GID[:G1,G2,...] in a command's environment (pyvmm run --image with
+ * the image's User, resolved by the host): drop to that user, in the child, after the
+ * chroot. Numbers only; at most MAX_GROUPS supplementary groups. */
+#define MAX_GROUPS 64
+static int become_user(const char *spec)
+{
+	gid_t groups[MAX_GROUPS];
+	unsigned long uid, gid;
+	size_t n = 0;
+	char *end;
+
+	errno = EINVAL;
+	uid = strtoul(spec, &end, 10);
+	if (end == spec || *end != ':')
+		return -1;
+	spec = end + 1;
+	gid = strtoul(spec, &end, 10);
+	if (end == spec || (*end && *end != ':'))
+		return -1;
+	while (*end) {
+		spec = end + 1;
+		if (!*spec)
+			break;
+		if (n == MAX_GROUPS)
+			return -1;
+		groups[n++] = (gid_t)strtoul(spec, &end, 10);
+		if (end == spec || (*end && *end != ','))
+			return -1;
+	}
+	if (setgroups(n, groups) < 0 || setgid((gid_t)gid) < 0 || setuid((uid_t)uid) < 0)
+		return -1;
+	return 0;
+}
+
 static void run_command(char *payload, uint32_t len)
 {
 	uint32_t off = 8, argc, envc, i;
@@ -270,6 +308,12 @@ static void run_command(char *payload, uint32_t len)
 			_exit(126);
 		}
 		unsetenv("PYVMM_OUTSIDE_ROOT");
+		if (getenv("PYVMM_USER") && become_user(getenv("PYVMM_USER")) < 0) {
+			fprintf(stderr, "pyvmm-agent: cannot become user %s: %s\n",
+				getenv("PYVMM_USER"), strerror(errno));
+			_exit(126);
+		}
+		unsetenv("PYVMM_USER");
 		if (workdir[0] && chdir(workdir) < 0) {
 			fprintf(stderr, "pyvmm-agent: cannot change directory to %s: %s\n",
 				workdir, strerror(errno));

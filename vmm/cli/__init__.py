@@ -18,7 +18,7 @@ from __future__ import annotations
 from vmm.cli import common  # first: it takes the start-up time stamp, common.T0
 
 #: The subcommands, in --help order: each the name of a module in this package.
-COMMANDS = ("boot", "restore", "run", "mkfs", "cache")
+COMMANDS = ("boot", "restore", "run", "mkfs", "cache", "pull", "images", "rmi", "push", "build")
 
 
 def _commands(names=COMMANDS) -> dict:

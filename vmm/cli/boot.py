@@ -41,6 +41,9 @@ def add_parser(subparsers) -> None:
                    help="System.map naming kernel functions in crash diagnostics")
     b.add_argument("--root", action="store_true",
                    help="mount the first --disk as the root filesystem (root=/dev/vda)")
+    b.add_argument("--image", metavar="REF",
+                   help="a shell in this container image (from the store, pulled if absent), "
+                        "on a copy-on-write root (default guest only)")
     add_machine_options(b)
     add_output_options(b, timings_help="print a table of boot phases at exit",
                        timeout_help="stop the VM after this long")
@@ -86,6 +89,14 @@ def main(args) -> int:
     if args.root and not disks:
         raise UsageError("--root needs a --disk")
     net = parse_net_options(args)
+    image_param = ""
+    if args.image:              # guests/initramfs/init: chroot into /dev/vda, its /bin/sh
+        if args.kernel is not None or args.root or args.raw:
+            raise UsageError("--image boots the default guest: no KERNEL, --raw or --root")
+        from vmm.config import DiskConfig
+        from vmm.image.run import find_image
+        disks.insert(0, DiskConfig(find_image(args.image).rootfs, snapshot=True))
+        image_param = f"{defaultguest.ROOTFS_PARAM}=/dev/vda"
 
     if cpus > 1:
         _check_cpus(cpus)
@@ -93,12 +104,13 @@ def main(args) -> int:
     # The default guest's "shell ready" snapshot (vmm/cli/shellsnap.py).
     shell_snapshot = (args.kernel is None and not disks and not args.snapshot_on
                       and not args.cmdline_replace and not args.no_snapshot_cache
-                      and args.on_reboot == "exit" and _snapshot_cache_enabled())
+                      and args.on_reboot == "exit" and net is None
+                      and _snapshot_cache_enabled())
     linux = None
     if not args.raw:
         from vmm import linux as linuxboot
         root = f"root=/dev/vda {'ro' if disks[0].read_only else 'rw'}" if args.root else None
-        extra = args.cmdline
+        extra = " ".join(x for x in (image_param, args.cmdline) if x)
         if shell_snapshot:
             from vmm.guestdefs import SHELL_AGENT_PARAM
             extra = " ".join(x for x in (SHELL_AGENT_PARAM, extra) if x)

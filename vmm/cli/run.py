@@ -41,6 +41,10 @@ def add_parser(subparsers) -> None:
     r.add_argument("--rootfs", metavar="IMG",
                    help="run CMD chrooted in this root filesystem image, on a throwaway "
                         "copy-on-write overlay (the image is never modified)")
+    r.add_argument("--image", metavar="REF",
+                   help="run in this container image, like podman run --rm: its "
+                        "Entrypoint + Cmd (CMD replaces Cmd), Env, WorkingDir and User, on "
+                        "a copy-on-write root (pulled into the store if absent)")
     r.add_argument("--boot-timeout", type=seconds, default=600.0, metavar="SECONDS",
                    help="give up if the guest is not ready after this long (default 600)")
     r.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE",
@@ -89,8 +93,10 @@ def main(args) -> int:
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     try:
-        if not cmd:
+        if not cmd and not args.image:
             raise UsageError("run: no command given (pyvmm run [OPTIONS] -- CMD [ARGS...])")
+        if args.image and args.rootfs:
+            raise UsageError("--image and --rootfs: give one root filesystem")
         parse_mem(args.mem)
         disks = [parse_disk(spec) for spec in args.disk]
         net = parse_net_options(args)
@@ -122,7 +128,11 @@ def main(args) -> int:
                 raise UsageError(f"{what} {path}: no such file")
         if args.timeout is not None and args.timeout <= 0:
             raise UsageError("--timeout must be positive")
-    except (UsageError, ValueError) as e:
+        if args.image:          # vmm/image/run.py: what podman run --rm would run
+            from vmm.image.run import find_image, run_spec
+            spec = run_spec(find_image(args.image), cmd, env, args.workdir)
+            cmd, env, args.workdir, args.rootfs = spec.argv, spec.env, spec.workdir, spec.rootfs
+    except (UserError, ValueError) as e:
         err(str(e))
         return EXIT_USAGE
 
