@@ -92,7 +92,7 @@ def test_build_errors_leave_the_store(tmp_path, store_env, text, message):
 @pytest.mark.timeout(1200)
 def test_build_run_step(default_guest, tmp_path, store_env):  # noqa: F811
     """RUN in a guest on the image being built: its new file, a deleted file's whiteout,
-    an owner it set; a rebuild with nothing changed is all
+    an owner it set, a RUN after USER run as that user; a rebuild with nothing changed is all
     cached (no guest: the RUN's output does not appear)."""
     base = make_image(tmp_path, [busybox_layer() + [entry("etc/old", b"base\n")]])
     assert pyvmm("pull", "-q", f"oci:{base}:t").returncode == 0
@@ -104,7 +104,10 @@ COPY in.txt /srv/in.txt
 ENV WHO=builder
 WORKDIR /srv
 RUN echo "run-output-$WHO"; cat in.txt > made.txt; echo "$WHO" >> made.txt; \\
-    rm /etc/old; mkdir /home; touch /home/u; chown 1000:1000 /home/u
+    rm /etc/old; mkdir /home; touch /home/u; chown 1000:1000 /home/u; \\
+    mkdir /home/u.d; chown 1000:1000 /home/u.d
+USER 1000:1000
+RUN id -u > /home/u.d/uid
 CMD ["cat", "/srv/made.txt"]
 """)
     r = pyvmm("build", "-t", "withrun:1", str(ctx), timeout=900)
@@ -114,8 +117,11 @@ CMD ["cat", "/srv/made.txt"]
     assert "Size: 25" in stat_in_image(rootfs, "/srv/made.txt")
     assert stat_in_image(rootfs, "/etc/old") == ""
     assert "User:  1000   Group:  1000" in stat_in_image(rootfs, "/home/u")
+    # A RUN after USER runs as that user: its file is the user's, and says so.
+    assert "User:  1000   Group:  1000" in stat_in_image(rootfs, "/home/u.d/uid")
+    assert "Size: 5" in stat_in_image(rootfs, "/home/u.d/uid")       # "1000\n"
     again = pyvmm("build", "-t", "withrun:1", str(ctx), timeout=300)
-    assert again.returncode == 0 and again.stderr.count("--> cached") == 2, again.stderr
+    assert again.returncode == 0 and again.stderr.count("--> cached") == 3, again.stderr
     assert "run-output-builder" not in again.stderr     # the step line has $WHO
 
 

@@ -153,21 +153,34 @@ def diff_layer(before: Path, after: Path) -> bytes:
 
 
 def _run_step(layout: Path, work: Path, argv: list[str], env: dict, workdir: str | None,
-              where: str, output) -> bytes:
-    """RUN in a guest on the current state of ``layout``; returns the layer."""
+              where: str, output, user: str = "") -> bytes:
+    """RUN in a guest on the current state of ``layout`` as ``user`` (the USER in
+    effect, resolved in the image's /etc/passwd like ``pyvmm run --image``); returns
+    the layer."""
     from vmm.guest import OUTSIDE_ROOT, Guest, GuestError
+    from vmm.image.run import RunSpecError, read_file, resolve_user
 
     _, manifest = _read_layout(layout)
     ext4 = work / "run.ext4"
     (work / "unpack").mkdir()
     layout_to_ext4(layout, manifest, work / "unpack", ext4)
     _rmtree(work / "unpack")
+    env = dict(env)
+    if user and user not in ("0", "root", "0:0", "root:root"):
+        try:
+            uid, gid, groups, home = resolve_user(user, read_file(ext4, "/etc/passwd"),
+                                                  read_file(ext4, "/etc/group"))
+        except RunSpecError as e:
+            raise BuildError(f"{where}: USER {e}") from None
+        env["PYVMM_USER"] = f"{uid}:{gid}" + (":" + ",".join(map(str, groups)) if groups else "")
+        env.setdefault("HOME", home or "/")
     tree = ("mkdir -p /run/pyvmm-tree && mount /dev/vda /run/pyvmm-tree && "
             "tar -c --numeric-owner -f /rootfs/tmp/.pyvmm-{0}.tar -C /run/pyvmm-tree . ; s=$?; "
             "umount /run/pyvmm-tree; exit $s")
     size = ext4.stat().st_size
-    with Guest(rootfs=ext4, mem=BUILD_MEM, scratch_size=max(64 << 20, 3 * size),
-               snapshot_cache=False) as g:
+    # Started from the snapshot cache like any disposable guest: the disks go into its
+    # empty drives after the restore (vmm/disk/empty.py), no boot per RUN step.
+    with Guest(rootfs=ext4, mem=BUILD_MEM, scratch_size=max(64 << 20, 3 * size)) as g:
         try:
             g.run(tree.format("before"), env=OUTSIDE_ROOT).check()
             r = g.run(argv, env=env, workdir=workdir, stdout=output, stderr=output)
@@ -217,6 +230,7 @@ def build(containerfile: str, context: str, tag: str, store: Store | None = None
     args: dict[str, str] = {}
     env: dict[str, str] = {}
     workdir = ""
+    user = ""
     key = ""
     try:
         for n, ins in enumerate(instructions, 1):
@@ -251,6 +265,7 @@ def build(containerfile: str, context: str, tag: str, store: Store | None = None
                     cfg = base.config()
                     env.update(cfg.environment())
                     workdir = cfg.workdir
+                    user = cfg.user or ""
                 continue
             if not layout.exists():
                 raise BuildError(f"{where}: {ins.name} before FROM")
@@ -265,6 +280,7 @@ def build(containerfile: str, context: str, tag: str, store: Store | None = None
                 workdir = os.path.normpath(os.path.join(workdir or "/", text))
                 config_args = ["--config.workingdir", workdir]
             elif ins.name == "USER":
+                user = text     # the user later RUN steps run as, too
                 config_args = ["--config.user", text]
             elif ins.name in ("ENTRYPOINT", "CMD"):
                 argv = _shell(ins) if ins.text else []
@@ -288,7 +304,7 @@ def build(containerfile: str, context: str, tag: str, store: Store | None = None
                     say("--> cached")
             else:
                 argv = _shell(ins)
-                key = hashlib.sha256(f"{key}\0RUN\0{json.dumps(argv)}\0{json.dumps(env, sort_keys=True)}\0{workdir}".encode()).hexdigest()
+                key = hashlib.sha256(f"{key}\0RUN\0{json.dumps(argv)}\0{json.dumps(env, sort_keys=True)}\0{workdir}\0{user}".encode()).hexdigest()
                 cached = cache / f"{key}.tar"
                 if cached.exists():
                     say("--> cached")
@@ -297,7 +313,7 @@ def build(containerfile: str, context: str, tag: str, store: Store | None = None
                     run_env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:"
                                        "/usr/bin:/sbin:/bin")
                     layer = _run_step(layout, staging, argv, run_env, workdir or None, where,
-                                      output or (lambda d: None))
+                                      output or (lambda d: None), user)
                     write_aside(cached, layer)
             _run([umoci, "raw", "add-layer", "--image", f"{layout}:img", str(cached)],
                  f"{where}: {ins.name}")
