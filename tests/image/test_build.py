@@ -63,6 +63,15 @@ def test_build_without_run(tmp_path, store_env):
     (ctx / "hello.txt").write_text("changed\n")
     changed = pyvmm("build", "-t", "built:1", str(ctx))
     assert changed.returncode == 0 and changed.stderr.count("--> cached") == 0, changed.stderr
+    # ENTRYPOINT resets the Cmd inherited from the base image, not one set before it.
+    for n, (text, cmd) in enumerate([('ENTRYPOINT ["/bin/echo"]\n', None),
+                                     ('CMD ["x"]\nENTRYPOINT ["/bin/echo"]\n', ["x"])]):
+        (ctx / f"C{n}").write_text("FROM built:1\n" + text)
+        r = pyvmm("build", "-t", f"ep:{n}", "-f", str(ctx / f"C{n}"), str(ctx))
+        assert r.returncode == 0, r.stderr
+        config = json.loads((stored(store_env, r.stdout.strip()) / "config.json")
+                            .read_text())["config"]
+        assert config["Entrypoint"] == ["/bin/echo"] and config.get("Cmd") == cmd, config
 
 
 @pytest.mark.parametrize("text,message", [

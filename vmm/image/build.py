@@ -231,6 +231,7 @@ def build(containerfile: str, context: str, tag: str, store: Store | None = None
     env: dict[str, str] = {}
     workdir = ""
     user = ""
+    cmd_set = False
     key = ""
     try:
         for n, ins in enumerate(instructions, 1):
@@ -286,6 +287,12 @@ def build(containerfile: str, context: str, tag: str, store: Store | None = None
                 argv = _shell(ins) if ins.text else []
                 opt = f"--config.{ins.name.lower()}"
                 config_args = [x for a in argv for x in (opt, a)] or [f"--clear=config.{ins.name.lower()}"]
+                if ins.name == "CMD":
+                    cmd_set = True
+                elif not cmd_set:
+                    # Docker's rule: ENTRYPOINT resets a CMD inherited from the base image
+                    # (one set earlier in this Containerfile stays).
+                    config_args.append("--clear=config.cmd")
             if config_args:
                 key = hashlib.sha256(f"{key}\0{ins.name}\0{json.dumps(config_args)}".encode()).hexdigest()
                 _run([umoci, "config", "--image", f"{layout}:img", *config_args],
