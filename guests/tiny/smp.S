@@ -15,6 +15,10 @@
  * 21 timed out waiting for the APs' rounds; 22 a CPU's r12 and counts[ID] disagree;
  * 23 an APIC ID >= CPUS.
  *
+ * With WAIT_INPUT = 1 the BSP, after its own "cpu 0 up", waits (bounded) for a byte on
+ * COM1 before it wakes the APs (24: none came): a VM saved there has its APs still in
+ * KVM's wait-for-SIPI state, and the byte is typed into the restored one.
+ *
  * The bounded waits use the TSC, which jumps forward over a restore where KVM cannot
  * set it (emulation-only hosts): on expiry the count is read once more before failing.
  *
@@ -73,6 +77,10 @@
 #ifndef STEP
 #define STEP            20000
 #endif
+#ifndef WAIT_INPUT
+#define WAIT_INPUT      0
+#endif
+#define LSR_DR          0x01               /* 8250 LSR: receive data ready */
 
 /* Wait until the u32 at \var reaches \want or TIMEOUT_TSC cycles pass (then one more
  * look, then EXIT \fail). Clobbers rax, rdx, r8, r9. */
@@ -107,6 +115,33 @@ _start:
     /* The BSP says hello like every AP does. */
     xor %eax, %eax
     call say_up
+
+#if WAIT_INPUT
+    /* Wait (bounded, re-checked on expiry) for a byte on COM1, then take it. */
+    rdtsc
+    shl $32, %rdx
+    or %rax, %rdx
+    mov %rdx, %r8
+    mov $TIMEOUT_TSC, %r9
+1:  mov $COM1_LSR, %dx
+    in (%dx), %al
+    test $LSR_DR, %al
+    jnz 2f
+    pause
+    rdtsc
+    shl $32, %rdx
+    or %rax, %rdx
+    sub %r8, %rdx
+    cmp %r9, %rdx
+    jb 1b
+    mov $COM1_LSR, %dx
+    in (%dx), %al
+    test $LSR_DR, %al
+    jnz 2f
+    EXIT 24
+2:  mov $COM1, %dx
+    in (%dx), %al
+#endif
 
 #if CPUS > 1
     /* Copy the trampoline below 1 MiB. */

@@ -98,3 +98,49 @@ def test_every_vcpu_continues_after_restore(tiny, tmp_path, cpus, loop):
     for cpu in range(cpus):
         assert resumed[cpu][0] > saved[cpu][0], (cpu, saved[cpu], resumed[cpu])
         assert whole[cpu] == list(range(1, ROUNDS + 1)), (cpu, whole[cpu])
+
+
+@pytest.mark.parametrize("loop", ["shim", "python"])
+@pytest.mark.parametrize("cpus", [2, 4])
+def test_aps_not_started_at_snapshot_start_after_restore(tiny, tmp_path, cpus, loop):
+    # WAIT_INPUT: the BSP waits for a COM1 byte before INIT-SIPI-SIPI, so the VM is saved
+    # with its APs in KVM's wait-for-SIPI state; the byte is typed into the restored VM.
+    snap_dir = tmp_path / "snap"
+    out = bytearray()
+    seen = threading.Event()
+
+    def console(data):
+        out.extend(data)
+        if b"cpu 0 up\n" in out:
+            seen.set()
+
+    kernel = tiny("smp", {"CPUS": cpus, "ROUNDS": 3, "STEP": STEP, "WAIT_INPUT": 1})
+    cfg = MachineConfig(kernel=kernel, mem_size=64 << 20, cpus=cpus, loop=loop,
+                        console=console)
+    with Machine(cfg) as m:
+        def saver():
+            if seen.wait(60):
+                m.snapshot(str(snap_dir), end=True)
+
+        t = threading.Thread(target=saver)
+        t.start()
+        try:
+            result = m.run(timeout=60)
+        finally:
+            seen.set()
+            t.join()
+    assert (result.reason, result.status) == (ExitReason.SNAPSHOTTED, 0), (result, out)
+    assert bytes(out) == b"cpu 0 up\n"
+
+    after = bytearray()
+    snap, config = persist.load(str(snap_dir), console=after.extend, loop=loop)
+    with Machine(config, snapshot=snap) as m:
+        assert m.serial.enqueue_input(b"g") == 1
+        result = m.run(timeout=60)
+    lines = bytes(after).decode().splitlines()
+    assert (result.reason, result.status) == (ExitReason.DEBUG_EXIT, 0), (result, lines)
+    assert sorted(line for line in lines if line.endswith(" up")) == \
+        sorted([f"cpu {k} up" for k in range(1, cpus)] + [f"all {cpus} cpus up"]), lines
+    got = progress(bytes(after))
+    assert got == {k: [1, 2, 3] for k in range(cpus)}, lines
+    assert lines[-1] == f"all {cpus} cpus done"
