@@ -478,13 +478,16 @@ class Machine:
             console = threading.Thread(target=self._console_thread, name="console", daemon=True)
             console.start()
         self.times["run"] = time.monotonic()
-        self._started = True
-        if self.restored_from is not None:
-            from vmm.snapshot import persist
-            persist.after_restore(self)
-        self.io.start()
-        for loop in self.loops:
-            loop.start()
+        # Under the pause lock: a pause() asked for as soon as the first vCPU runs (by
+        # a console watch on its first line) waits until every vCPU thread is started.
+        with self._pause_lock:
+            self._started = True
+            if self.restored_from is not None:
+                from vmm.snapshot import persist
+                persist.after_restore(self)
+            self.io.start()
+            for loop in self.loops:
+                loop.start()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:

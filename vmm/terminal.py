@@ -172,10 +172,13 @@ class ConsoleInput:
 
     def _deliver(self, data: bytes) -> None:
         while data and not self._stop:
-            if self.space() == 0:
+            space = self.space()
+            if space == 0:
                 time.sleep(0.002)      # the guest has not drained the FIFO yet
                 continue
-            n = self.send(data)
+            # Only what fits: a UART drops the rest and sets LSR OE (a spurious "input
+            # overrun" in the guest, although the rest is sent again here).
+            n = self.send(data[:space])
             data = data[n:]
 
     def _run(self) -> None:

@@ -7,6 +7,21 @@
  *
  * Build defines: CPUS (vCPUs in the VM, default 2); TIMEOUT_TSC (the BSP's bounded wait).
  *
+ * With ROUNDS > 0 (the SMP snapshot test, tests/vmm/test_snapshot_smp.py) every CPU then
+ * works: ROUNDS rounds of STEP loop iterations, each followed by a line "cpu <ID> <k>"
+ * (k = 1..ROUNDS) and k kept both in r12 and in counts[ID] (a round checks they agree:
+ * registers and memory restored together); the BSP, after its own rounds, waits
+ * (bounded) for every AP to finish and prints "all <CPUS> cpus done". More statuses:
+ * 21 timed out waiting for the APs' rounds; 22 a CPU's r12 and counts[ID] disagree;
+ * 23 an APIC ID >= CPUS.
+ *
+ * With WAIT_INPUT = 1 the BSP, after its own "cpu 0 up", waits (bounded) for a byte on
+ * COM1 before it wakes the APs (24: none came): a VM saved there has its APs still in
+ * KVM's wait-for-SIPI state, and the byte is typed into the restored one.
+ *
+ * The bounded waits use the TSC, which jumps forward over a restore where KVM cannot
+ * set it (emulation-only hosts): on expiry the count is read once more before failing.
+ *
  * The APs start in KVM's wait-for-SIPI state (the in-kernel local APIC emulates INIT and
  * SIPI); KVM needs none of the real-hardware delays between the IPIs, so the guest only
  * waits for each ICR write to be accepted (delivery status) and a few hundred
@@ -56,6 +71,39 @@
 #define TIMEOUT_TSC     (1 << 35)
 #endif
 #define IPI_DELAY       200
+#ifndef ROUNDS
+#define ROUNDS          0
+#endif
+#ifndef STEP
+#define STEP            20000
+#endif
+#ifndef WAIT_INPUT
+#define WAIT_INPUT      0
+#endif
+#define LSR_DR          0x01               /* 8250 LSR: receive data ready */
+
+/* Wait until the u32 at \var reaches \want or TIMEOUT_TSC cycles pass (then one more
+ * look, then EXIT \fail). Clobbers rax, rdx, r8, r9. */
+.macro WAIT_COUNT var, want, fail
+    rdtsc
+    shl $32, %rdx
+    or %rax, %rdx
+    mov %rdx, %r8                      /* start */
+    mov $TIMEOUT_TSC, %r9
+1:  cmpl $\want, \var(%rip)
+    jae 2f
+    pause
+    rdtsc
+    shl $32, %rdx
+    or %rax, %rdx
+    sub %r8, %rdx
+    cmp %r9, %rdx
+    jb 1b
+    cmpl $\want, \var(%rip)
+    jae 2f
+    EXIT \fail
+2:
+.endm
 
 .code64
 .globl _start
@@ -67,6 +115,33 @@ _start:
     /* The BSP says hello like every AP does. */
     xor %eax, %eax
     call say_up
+
+#if WAIT_INPUT
+    /* Wait (bounded, re-checked on expiry) for a byte on COM1, then take it. */
+    rdtsc
+    shl $32, %rdx
+    or %rax, %rdx
+    mov %rdx, %r8
+    mov $TIMEOUT_TSC, %r9
+1:  mov $COM1_LSR, %dx
+    in (%dx), %al
+    test $LSR_DR, %al
+    jnz 2f
+    pause
+    rdtsc
+    shl $32, %rdx
+    or %rax, %rdx
+    sub %r8, %rdx
+    cmp %r9, %rdx
+    jb 1b
+    mov $COM1_LSR, %dx
+    in (%dx), %al
+    test $LSR_DR, %al
+    jnz 2f
+    EXIT 24
+2:  mov $COM1, %dx
+    in (%dx), %al
+#endif
 
 #if CPUS > 1
     /* Copy the trampoline below 1 MiB. */
@@ -84,22 +159,7 @@ _start:
     call send_ipi
 
     /* Wait (bounded) until every AP has counted itself in. */
-    rdtsc
-    shl $32, %rdx
-    or %rax, %rdx
-    mov %rdx, %r8                      /* start */
-    mov $TIMEOUT_TSC, %r9
-1:  cmpl $(CPUS - 1), ap_count(%rip)
-    jae 2f
-    pause
-    rdtsc
-    shl $32, %rdx
-    or %rax, %rdx
-    sub %r8, %rdx
-    cmp %r9, %rdx
-    jb 1b
-    EXIT 20
-2:
+    WAIT_COUNT ap_count, (CPUS - 1), 20
 #endif
     call lock_uart
     PRINT all_up_msg_1
@@ -107,6 +167,16 @@ _start:
     call print_dec
     PRINT all_up_msg_2
     call unlock_uart
+#if ROUNDS > 0
+    call do_rounds
+    WAIT_COUNT done_count, (CPUS - 1), 21
+    call lock_uart
+    PRINT all_up_msg_1
+    mov $CPUS, %eax
+    call print_dec
+    PRINT all_done_msg
+    call unlock_uart
+#endif
     EXIT 0
 
 /* Write ICR (destination by shorthand, so ICR high is 0), wait until it is accepted,
@@ -132,9 +202,47 @@ ap_main:
     shr $24, %eax
     call say_up
     lock incl ap_count(%rip)
+#if ROUNDS > 0
+    call do_rounds
+    lock incl done_count(%rip)
+#endif
 1:  cli
     hlt
     jmp 1b
+
+#if ROUNDS > 0
+/* ROUNDS rounds of STEP iterations; after round k, counts[ID] = r12 = k and a line
+ * "cpu <ID> <k>". Clobbers rax, rbx, rcx, rdx, rsi, rdi, r12, r13. */
+do_rounds:
+    mov $LAPIC_ID, %edi
+    mov (%rdi), %r13d
+    shr $24, %r13d                     /* r13 = APIC ID */
+    cmp $CPUS, %r13d
+    jb 1f
+    EXIT 23
+1:  xor %r12d, %r12d                   /* r12 = rounds done */
+2:  mov $STEP, %ecx
+3:  dec %ecx
+    jnz 3b
+    lea counts(%rip), %rdi
+    cmp (%rdi,%r13,4), %r12d
+    je 4f
+    EXIT 22
+4:  inc %r12d
+    mov %r12d, (%rdi,%r13,4)
+    call lock_uart
+    PRINT cpu_msg_1
+    mov %r13d, %eax
+    call print_dec
+    PRINT space_msg
+    mov %r12d, %eax
+    call print_dec
+    PRINT newline_msg
+    call unlock_uart
+    cmp $ROUNDS, %r12d
+    jb 2b
+    ret
+#endif
 
 /* Print "cpu <eax> up\n" under the UART lock. */
 say_up:
@@ -239,9 +347,14 @@ cpu_msg_1:    .asciz "cpu "
 cpu_msg_2:    .asciz " up\n"
 all_up_msg_1: .asciz "all "
 all_up_msg_2: .asciz " cpus up\n"
+all_done_msg: .asciz " cpus done\n"
+space_msg:    .asciz " "
+newline_msg:  .asciz "\n"
 .balign 4
 uart_lock:    .long 0
 ap_count:     .long 0
+done_count:   .long 0
+counts:       .fill CPUS, 4, 0
 numbuf:       .fill 8, 1, 0
 .balign 16
 ap_stacks:    .fill (CPUS + 1) * AP_STACK_SIZE, 1, 0

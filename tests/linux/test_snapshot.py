@@ -420,3 +420,28 @@ def test_guest_snapshot_and_a_guest_restored_from_it(default_guest, tmp_path, mo
         with pytest.raises(GuestError, match="cannot be saved"):
             g.snapshot(tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+
+
+#: Typed into the restored 2-vCPU guest's shell: each CPU does some work pinned to it,
+#: at once, and says which CPU it ran on (field 39 of /proc/self/stat: the processor).
+SMP_FEED = r"""echo nproc=$(nproc)
+for i in 0 1; do taskset -c $i sh -c 'n=0; while [ $n -lt 200 ]; do n=$((n+1)); done; echo "cpu$0 done $n on $(cut -d" " -f39 /proc/self/stat)"' $i & done; wait
+taskset -c 1 sh -c 'sync; poweroff -f'
+"""
+
+
+@pytest.mark.timeout(2 * BOOT_TIMEOUT_S + RESTORE_TIMEOUT_S + 180)
+def test_two_vcpu_guest_restores_with_both_cpus_working(default_guest, tmp_path):
+    snap = tmp_path / "snap"
+    r = run_pyvmm("--cpus", "2", "--snapshot-on", "pyvmm: ready", "--snapshot-dir", str(snap),
+                  timeout=2 * BOOT_TIMEOUT_S)
+    assert r.returncode == 0, r.describe()
+    assert (snap / "state.json").is_file(), r.describe()
+
+    p = restore_cli(snap, SMP_FEED, delay=8)
+    out = p.stdout.replace("\r\n", "\n")
+    assert p.returncode == 0, describe(p)
+    assert re.search(r"^nproc=2$", out, re.M), describe(p)
+    for i in (0, 1):
+        assert re.search(rf"^cpu{i} done 200 on {i}$", out, re.M), describe(p)
+    assert re.search(r"reboot: (System halted|Power down)", out), describe(p)

@@ -120,3 +120,28 @@ def test_input_waits_for_fifo_space():
         time.sleep(0.02)
     t.join(2)
     assert bytes(sent) == b"0123456789"
+
+
+def test_input_longer_than_the_fifo_never_sets_the_uarts_overrun():
+    # Piped input (pyvmm restore DIR < script) bigger than the UART's FIFO: only what
+    # fits is offered, so no byte is dropped and LSR OE (which Linux reports as "ttyS0:
+    # input overrun") is never set; found by tests/linux/test_snapshot.py's SMP test.
+    import threading
+    from vmm.devices import serial8250
+    uart = serial8250.Serial8250(lambda: None, lambda data: None, fifo_size=16)
+    ci = ConsoleInput(uart.enqueue_input, uart.input_space, lambda: None, lambda t: None,
+                      fd=os.open("/dev/null", os.O_RDONLY))
+    data = bytes(range(32, 127)) * 2
+    t = threading.Thread(target=ci._deliver, args=(data,))
+    t.start()
+    got, lsrs = bytearray(), []
+    import time
+    deadline = time.monotonic() + 10
+    while len(got) < len(data) and time.monotonic() < deadline:
+        lsr = uart.read(5, 1)                            # LSR (reading it clears OE)
+        lsrs.append(lsr)
+        if lsr & 0x01:                                   # DR: read RBR
+            got.append(uart.read(0, 1))
+    t.join(2)
+    assert bytes(got) == data
+    assert not any(lsr & 0x02 for lsr in lsrs), "LSR OE was set"
