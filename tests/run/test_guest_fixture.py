@@ -17,7 +17,8 @@ def test_three_commands_in_one_guest(guest):
     chunks = []
     r3 = guest.run("for i in 1 2 3; do echo line $i; done; uname -m",
                    env={"X": "1"}, workdir="/tmp", stdout=chunks.append)
-    assert r3.stdout == b"line 1\nline 2\nline 3\nx86_64\n" and b"".join(chunks) == r3.stdout
+    # A streamed stdout goes to the callback only (not kept: issue #14, bounded memory).
+    assert b"".join(chunks) == b"line 1\nline 2\nline 3\nx86_64\n" and r3.stdout == b""
     console = guest.console
     if not guest.restored:     # a guest restored from the snapshot cache did not boot
         assert b"Linux version" in console and b"pyvmm: ready" in console
