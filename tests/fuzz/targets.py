@@ -109,7 +109,40 @@ def _snapshot(mutation: tuple[int, list[tuple[int, int]], int | None]) -> None:
         shutil.rmtree(work)
 
 
+def _virtqueue(rings: bytes) -> None:
+    """The split virtqueue walk (vmm/devices/virtio/queue.py): descriptor table, avail
+    ring and guest RAM around them all fuzz bytes; pop every chain the ring offers and
+    complete it. Only QueueError (the ring is unusable), and every descriptor that
+    claims to be in RAM lies inside guest RAM (virtio 1.2 §2.7.5, §2.7.13)."""
+    from vmm.devices.virtio.queue import Queue, QueueError
+    from vmm.memory import GuestMemory
+    size = 16
+    with GuestMemory(MEM) as mem:
+        mem.write(0, rings[:0x4000])
+        # avail.idx mostly within the queue size, so that chains are walked (§2.7.6)
+        mem.write(0x1002, bytes([rings[1] % (size + 2), 0]))
+        heads = bytes(b for i in range(size) for b in ((rings[0x100 + i] % (size + 1)), 0))
+        mem.write(0x1004, heads)            # mostly heads inside the table
+        q = Queue(256)
+        q.size = size
+        q.desc_table, q.avail_ring, q.used_ring = 0, 0x1000, 0x2000
+        q.ready = True
+        q.activate(mem, event_idx=bool(rings[:1] and rings[0] & 1), indirect=True)
+        try:
+            for _ in range(2 * size):       # more pops than the ring may offer
+                chain = q.pop()
+                if chain is None:
+                    break
+                for d in chain.readable() + chain.writable():
+                    if d.in_ram:
+                        assert d.addr + d.len <= MEM, d
+                q.add_used(chain.head_index, 0)
+        except QueueError:
+            pass
+
+
 TARGETS = {
+    "virtqueue": (st.binary(min_size=0x1000, max_size=0x3000), _virtqueue),
     "frames": (st.lists(st.binary(max_size=64), max_size=16), _frames),
     "elf": (st.binary(max_size=512).map(_elf_header), _elf),
     "bzimage": (st.binary(max_size=0x300), _bzimage),
