@@ -35,7 +35,8 @@ def fuzz(name: str, seconds: float) -> tuple[int, int]:
 
     failures = 0
     while time.monotonic() < end:
-        run = settings(max_examples=2000, deadline=None, database=None,
+        run = settings(max_examples=200,   # small batches: the time is checked between them
+                       deadline=None, database=None,
                        suppress_health_check=list(HealthCheck))(given(strategy)(counted))
         try:
             run()
