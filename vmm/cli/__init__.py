@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         common.err("no command given (see pyvmm --help)")
         return common.EXIT_USAGE
     try:
+        if args.command in ("boot", "restore", "run"):
+            from vmm.privileges import harden
+            harden()    # no_new_privs, RLIMIT_NOFILE: before any guest code runs
         return commands[args.command].main(args)
     except UserError as e:
         common.err(str(e))

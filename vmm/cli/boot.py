@@ -15,9 +15,9 @@ from __future__ import annotations
 import os
 
 from vmm.cli.common import (T0, EXIT_VMM_ERROR, Notes, UsageError, add_machine_options,
-                            add_output_options, add_snapshot_cache_option, add_verbose,
-                            check_file, err, parse_cpus, parse_disk, parse_mem,
-                            parse_net_options, verbose)
+                            add_output_options, add_snapshot_cache_option, add_user_option,
+                            add_verbose, check_file, drop_privileges, err, parse_cpus,
+                            parse_disk, parse_mem, parse_net_options, verbose)
 
 
 def add_parser(subparsers) -> None:
@@ -49,6 +49,7 @@ def add_parser(subparsers) -> None:
                        timeout_help="stop the VM after this long")
     add_snapshot_options(b)
     add_snapshot_cache_option(b, "the default guest")
+    add_user_option(b)
     add_verbose(b)
 
 
@@ -207,6 +208,7 @@ def session(args, new_machine, *, pre_notes=(), restartable: bool = False,
         while True:
             with new_machine(out.write) as machine:
                 interrupted["machine"] = machine
+                drop_privileges(args)   # --user: /dev/kvm and images are open now
                 if interrupted["term"]:     # came while new_machine() ran
                     machine.stop()
                 notes.add(*pre_notes, *machine.notes)

@@ -142,6 +142,33 @@ def add_snapshot_cache_option(p: argparse.ArgumentParser, what: str) -> None:
                         "save none (the cache: pyvmm cache list)")
 
 
+def add_user_option(p: argparse.ArgumentParser) -> None:
+    """--user UID[:GID] (boot, run, restore): drop root once /dev/kvm and images are open."""
+    p.add_argument("--user", type=user_ids, metavar="UID[:GID]",
+                   help="when started as root: run the VM as this user (number or name; "
+                        "GID defaults to the user's group) once /dev/kvm, the kernel and "
+                        "the disks are open (docs/security.md)")
+
+
+def user_ids(text: str) -> tuple[int, int]:
+    """``--user`` text -> (uid, gid); an argparse ``type`` (errors: one line, exit 2)."""
+    from vmm.privileges import check_can_drop, parse_user
+    try:
+        ids = parse_user(text)
+        check_can_drop()
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return ids
+
+
+def drop_privileges(args) -> None:
+    """If --user was given: become that user now (vmm.privileges.drop_to)."""
+    ids = getattr(args, "user", None)
+    if ids is not None:
+        from vmm.privileges import drop_to
+        drop_to(*ids)
+
+
 def verbose(args) -> bool:
     """Whether --verbose was given or PYVMM_VERBOSE is set (to anything but '' or 0)."""
     return bool(getattr(args, "verbose", False)) or \

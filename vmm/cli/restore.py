@@ -8,7 +8,7 @@ nothing started), 3 panic, 4 triple fault, 5 emulation failure, 130 stopped.
 
 from __future__ import annotations
 
-from vmm.cli.common import add_loop_option, add_output_options, add_verbose
+from vmm.cli.common import add_loop_option, add_output_options, add_user_option, add_verbose
 
 
 def add_parser(subparsers) -> None:
@@ -20,6 +20,7 @@ def add_parser(subparsers) -> None:
     add_output_options(r, timings_help="print a table of restore phases at exit",
                        timeout_help="stop the VM after this long")
     add_snapshot_options(r)
+    add_user_option(r)
     add_verbose(r)
 
 

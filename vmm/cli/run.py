@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 
 from vmm.cli.common import (EXIT_USAGE, Notes, UsageError, add_machine_options,
-                            add_output_options, add_snapshot_cache_option, add_verbose, err,
-                            parse_disk, parse_mem, parse_net_options, seconds, verbose)
+                            add_output_options, add_snapshot_cache_option, add_user_option,
+                            add_verbose, drop_privileges, err, parse_disk, parse_mem,
+                            parse_net_options, seconds, verbose)
 
 EXIT_TIMEOUT = 124
 EXIT_FAILED = 125
@@ -64,6 +65,7 @@ def add_parser(subparsers) -> None:
     add_output_options(r, timings_help="print boot / command / teardown times on stderr "
                                        "at the end",
                        timeout_help="stop the guest if CMD runs longer (exit status 124)")
+    add_user_option(r)
     add_verbose(r)
     r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
                    help="the command and its arguments, exec'd as given (no shell)")
@@ -174,6 +176,9 @@ def main(args) -> int:
 
     try:
         try:
+            # --user: Guest opens /dev/kvm and the images in start(), so the user
+            # needs access to them (a group or an ACL on /dev/kvm; docs/security.md).
+            drop_privileges(args)
             guest.start()
             times["ready"] = time.monotonic()
             take_notes()
