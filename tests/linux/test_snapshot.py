@@ -43,6 +43,20 @@ def cache_entries(directory: Path) -> list[str]:
                   if p.is_dir() and ".tmp-" not in p.name and (p / "state.json").is_file())
 
 
+def warm_cache(tmp_path: Path, monkeypatch) -> Path:
+    """Point the snapshot cache at the one the first test filled, or else at a new
+    one filled here (one boot): a cache with one snapshot of the default guest."""
+    from vmm import Guest
+    cache = _warm.get("cache")
+    if cache is None or not cache_entries(cache):
+        cache = tmp_path / "snapshots"
+        monkeypatch.setenv(CACHE_ENV, str(cache))
+        with Guest() as g:
+            assert not g.restored
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    return cache
+
+
 def boot_seconds(g) -> float:
     return g.times["ready"] - g.times["start"]
 
@@ -107,13 +121,7 @@ def test_second_guest_of_a_shape_is_restored_and_much_faster(default_guest, tmp_
 def test_guests_restored_at_once_have_their_own_rng_and_the_hosts_clock(default_guest,
                                                                         tmp_path, monkeypatch):
     from vmm import Guest
-    cache = _warm.get("cache")
-    if cache is None or not cache_entries(cache):
-        cache = tmp_path / "snapshots"
-        monkeypatch.setenv(CACHE_ENV, str(cache))
-        with Guest() as g:
-            assert not g.restored
-    monkeypatch.setenv(CACHE_ENV, str(cache))
+    cache = warm_cache(tmp_path, monkeypatch)
     (key,) = cache_entries(cache)
     # Make the snapshot's own clock clearly wrong: a guest that kept it would be late.
     age = time.time() - os.stat(cache / key / "state.json").st_mtime
@@ -280,13 +288,7 @@ def _rootfs(tmp_path: Path, name: str, marker: str) -> Path:
 def test_guests_with_disks_are_restored_and_get_their_own_disks(default_guest, tmp_path,
                                                                 monkeypatch):
     from vmm import Guest
-    cache = _warm.get("cache")
-    if cache is None or not cache_entries(cache):
-        cache = tmp_path / "snapshots"
-        monkeypatch.setenv(CACHE_ENV, str(cache))
-        with Guest() as g:
-            assert not g.restored
-    monkeypatch.setenv(CACHE_ENV, str(cache))
+    cache = warm_cache(tmp_path, monkeypatch)
     keys = cache_entries(cache)
     images = {n: _rootfs(tmp_path, n, f"marker-{n}") for n in ("a", "b")}
     before = {n: hashlib.sha256(p.read_bytes()).hexdigest() for n, p in images.items()}
@@ -388,11 +390,7 @@ def test_guest_snapshot_and_a_guest_restored_from_it(default_guest, tmp_path, mo
     image is never written; a guest with copy-in images cannot be saved."""
     from vmm import Guest
     from vmm.guest import GuestError
-    cache = _warm.get("cache")
-    if cache is not None and cache_entries(cache):
-        monkeypatch.setenv(CACHE_ENV, str(cache))
-    else:
-        monkeypatch.setenv(CACHE_ENV, str(tmp_path / "snapshots"))
+    warm_cache(tmp_path, monkeypatch)
     image = _rootfs(tmp_path, "c", "marker-c")
     before = hashlib.sha256(image.read_bytes()).hexdigest()
     snap = tmp_path / "saved"
