@@ -165,8 +165,9 @@ def test_sigkill_of_pyvmm_leaves_no_passt(default_guest):
                 break
             seen += chunk
         assert b"pyvmm: ready" in seen, seen[-2000:]
+        # Debian's passt re-executes itself as passt.avx2 where AVX2 is there.
         passt = [p for p in _children(proc.pid)
-                 if open(f"/proc/{p}/comm").read().strip() == "passt"]
+                 if open(f"/proc/{p}/comm").read().startswith("passt")]
         assert passt, "no passt child of pyvmm"
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
