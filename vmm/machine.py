@@ -265,7 +265,10 @@ class Machine:
         """The virtio-net card of ``net`` (a vmm.config.NetConfig) and its backend,
         whose fd the I/O thread serves (vmm.net)."""
         from vmm.net import open_backend
-        self.attach_nic(open_backend(net), net.mac)
+        backend = open_backend(net)
+        self.attach_nic(backend, net.mac)
+        if backend.guest_cmdline:  # e.g. pyvmm.net=... for the default guest's /init
+            self.virtio_cmdline.append(backend.guest_cmdline)
 
     def attach_nic(self, backend, mac: bytes, name: str = "virtio-net0"):
         """A virtio-net card in front of ``backend`` (a vmm.net.base.NetBackend, which

@@ -43,9 +43,14 @@ class NetBackend:
             of bytes-like pieces (views of guest memory, valid during the call only);
             raises OSError when it cannot (the device counts it as a tx error).
         close(): release everything (idempotent).
+
+    Attributes:
+        guest_cmdline: a kernel command-line word telling the guest how to set up its
+            interface (the default guest's /init reads ``pyvmm.net=``), or "".
     """
 
     name = "backend"
+    guest_cmdline = ""
 
     def fileno(self) -> int:
         return -1

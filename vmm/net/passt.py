@@ -38,6 +38,19 @@ _PR_SET_PDEATHSIG = 1
 #: device does not ask for (no VIRTIO_NET_F_MRG_RXBUF or GUEST_TSO offered), and Linux's
 #: driver then posts 1518-byte buffers: bigger frames would be dropped (rx_too_big).
 GUEST_MTU = 1500
+#: The guest's side of ``--net user`` (the addresses QEMU's user networking uses, so
+#: they are familiar): passt is told them (-a/-n/-g/--dns-forward) and the guest gets
+#: them on its command line (``pyvmm.net=``, read by guests/initramfs/init), so no DHCP
+#: client runs. passt maps the gateway address to the host's loopback (its default,
+#: see --no-map-gw in passt(1)): the guest reaches a host service on 127.0.0.1:PORT at
+#: GUEST_GATEWAY:PORT. DNS queries to GUEST_DNS go to the host's resolver.
+GUEST_ADDR = "10.0.2.15"
+GUEST_PREFIX = 24
+GUEST_GATEWAY = "10.0.2.2"
+GUEST_DNS = "10.0.2.3"
+#: passt's options for those addresses; IPv4 only (the guest kernel has no IPv6).
+GUEST_ARGS = ("-4", "-a", GUEST_ADDR, "-n", str(GUEST_PREFIX), "-g", GUEST_GATEWAY,
+              "--dns-forward", GUEST_DNS)
 
 
 def passt_path() -> str:
@@ -90,6 +103,7 @@ class PasstBackend(StreamSocketBackend):
     """
 
     name = "passt"
+    guest_cmdline = f"pyvmm.net={GUEST_ADDR}/{GUEST_PREFIX},{GUEST_GATEWAY},{GUEST_DNS}"
 
     def __init__(self, mac: bytes, publish=()):
         import subprocess
@@ -102,7 +116,7 @@ class PasstBackend(StreamSocketBackend):
         log = tempfile.TemporaryFile()
         try:
             cmd = [path, "--foreground", "--quiet", "--fd", str(theirs.fileno()),
-                   "--mtu", str(GUEST_MTU), *passt_args(publish)]
+                   "--mtu", str(GUEST_MTU), *GUEST_ARGS, *passt_args(publish)]
             try:
                 self.proc = subprocess.Popen(
                     cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
@@ -169,4 +183,5 @@ class PasstBackend(StreamSocketBackend):
                 proc.wait()
 
 
-__all__ = ["PasstBackend", "passt_path", "passt_args", "arp_probe"]
+__all__ = ["PasstBackend", "passt_path", "passt_args", "arp_probe", "GUEST_ADDR",
+           "GUEST_PREFIX", "GUEST_GATEWAY", "GUEST_DNS"]
