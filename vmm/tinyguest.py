@@ -52,7 +52,8 @@ def build(name: str, defines: dict[str, object] | None = None) -> Path:
     compile_flags = C_FLAGS if src.suffix == ".c" else ["-nostdlib", "-ffreestanding"]
     flags = [f"-D{k}={v}" for k, v in sorted((defines or {}).items())]
     h = hashlib.sha256()
-    for part in (src, SOURCE_DIR / "tiny.h", SOURCE_DIR / "link.ld"):
+    # Every header a guest can include (tiny.h, virtio_mmio.h) is part of the key.
+    for part in (src, *sorted(SOURCE_DIR.glob("*.h")), SOURCE_DIR / "link.ld"):
         h.update(part.read_bytes())
     h.update(" ".join(flags if src.suffix == ".S" else compile_flags + flags).encode())
     out = cache_dir() / "tiny" / f"{name}-{h.hexdigest()[:16]}.elf"

@@ -22,10 +22,7 @@
  * 0xf4): 0 ok; 1x setup failed (see fail codes below); 2x a request failed.
  */
 
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long u64;
+#include "virtio_mmio.h"
 
 #ifndef MODE
 #define MODE 0
@@ -57,38 +54,10 @@ typedef unsigned long u64;
 #define MODE_RANDREAD 2
 
 /* Guest-physical memory this guest uses (identity-mapped; RAM is zero at start). */
-#define VIRTIO_BASE 0xd0000000UL
 #define RING_BASE   0x00800000UL   /* desc table, avail ring, used ring: 64 KiB each */
 #define HDR_BASE    0x00830000UL   /* per slot: 16-byte header, status byte at +16 */
 #define BUF_BASE    0x01000000UL   /* per slot: BS bytes of data */
 #define MAX_QSIZE   256
-
-/* virtio-mmio registers (§4.2.2) */
-#define R_MAGIC        0x000
-#define R_VERSION      0x004
-#define R_DEVICE_ID    0x008
-#define R_DEV_FEAT     0x010
-#define R_DEV_FEAT_SEL 0x014
-#define R_DRV_FEAT     0x020
-#define R_DRV_FEAT_SEL 0x024
-#define R_QUEUE_SEL    0x030
-#define R_QUEUE_NUM_MAX 0x034
-#define R_QUEUE_NUM    0x038
-#define R_QUEUE_READY  0x044
-#define R_QUEUE_NOTIFY 0x050
-#define R_STATUS       0x070
-#define R_DESC_LO      0x080
-#define R_DESC_HI      0x084
-#define R_DRIVER_LO    0x090
-#define R_DRIVER_HI    0x094
-#define R_DEVICE_LO    0x0a0
-#define R_DEVICE_HI    0x0a4
-#define R_CONFIG       0x100
-
-#define S_ACKNOWLEDGE 1
-#define S_DRIVER      2
-#define S_DRIVER_OK   4
-#define S_FEATURES_OK 8
 
 /* virtio-blk config space (§5.2.4) and feature bits (§5.2.3) */
 #define CFG_CAPACITY 0x00
@@ -97,20 +66,10 @@ typedef unsigned long u64;
 #define F_SIZE_MAX 1
 #define F_SEG_MAX  2
 
-#define DESC_F_NEXT  1
-#define DESC_F_WRITE 2
-#define AVAIL_F_NO_INTERRUPT 1
-
 #define T_IN  0
 #define T_OUT 1
 
-/* Failure codes (debug-exit status) */
-#define FAIL_MAGIC     10
-#define FAIL_VERSION   11
-#define FAIL_DEVICE_ID 12
-#define FAIL_NO_V1     13
-#define FAIL_FEATURES  14
-#define FAIL_QUEUE     15
+/* Failure codes (debug-exit status; 10-15 set-up: virtio_mmio.h) */
 #define FAIL_LAYOUT    16   /* QD * descriptors per request do not fit the queue */
 #define FAIL_SMALL     17   /* the disk holds fewer than one request */
 #define FAIL_STATUS    20   /* a completion's status byte was not 0 */
@@ -118,40 +77,7 @@ typedef unsigned long u64;
 #define FAIL_ID        22   /* a used element names a descriptor that is no head */
 #define FAIL_USED_IDX  23   /* the used idx moved by more than the requests in flight */
 
-struct desc { u64 addr; u32 len; u16 flags; u16 next; };
 struct blk_hdr { u32 type; u32 reserved; u64 sector; };
-
-#define barrier() __asm__ volatile("" ::: "memory")
-
-static inline u32 mmio_r32(u64 off) { return *(volatile u32 *)(VIRTIO_BASE + off); }
-static inline void mmio_w32(u64 off, u32 v) { *(volatile u32 *)(VIRTIO_BASE + off) = v; }
-static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }
-static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
-
-static __attribute__((noreturn)) void leave(u8 code)
-{
-    for (;;) {
-        outb(0xf4, code);
-        __asm__ volatile("hlt");
-    }
-}
-
-static void putc_(char c)
-{
-    while (!(inb(0x3fd) & 0x20))
-        ;
-    outb(0x3f8, (u8)c);
-}
-
-static void puts_(const char *s) { while (*s) putc_(*s++); }
-
-static void putdec(u64 v)
-{
-    char b[24];
-    int i = 0;
-    do { b[i++] = (char)('0' + v % 10); v /= 10; } while (v);
-    while (i) putc_(b[--i]);
-}
 
 static void puthex(u64 v)
 {
@@ -184,28 +110,16 @@ static inline u64 lcg(void)
 void main(void)
 {
     volatile struct desc *desc = (volatile struct desc *)RING_BASE;
-    volatile u16 *avail = (volatile u16 *)(RING_BASE + 0x10000);     /* flags, idx, ring[] */
-    volatile u16 *used = (volatile u16 *)(RING_BASE + 0x20000);      /* flags, idx, then elems */
-    volatile u32 *used_elem = (volatile u32 *)(RING_BASE + 0x20004); /* {id, len} pairs */
+    volatile u16 *avail = (volatile u16 *)(RING_BASE + VQ_AVAIL_OFF);
+    volatile u16 *used = (volatile u16 *)(RING_BASE + VQ_USED_OFF);
+    volatile u32 *used_elem = (volatile u32 *)(RING_BASE + VQ_USED_OFF + 4);
     volatile u64 *stamp = (volatile u64 *)STAMP;
 
-    /* §4.2.3.1.1 / §3.1.1 device initialisation */
-    if (mmio_r32(R_MAGIC) != 0x74726976) leave(FAIL_MAGIC);
-    if (mmio_r32(R_VERSION) != 2) leave(FAIL_VERSION);
-    if (mmio_r32(R_DEVICE_ID) != 2) leave(FAIL_DEVICE_ID);
-    mmio_w32(R_STATUS, 0);
-    mmio_w32(R_STATUS, S_ACKNOWLEDGE);
-    mmio_w32(R_STATUS, S_ACKNOWLEDGE | S_DRIVER);
+    /* §3.1.1 device initialisation; the low feature word is read for size_max/seg_max */
+    virtio_begin(2);
     mmio_w32(R_DEV_FEAT_SEL, 0);
     u32 feat_lo = mmio_r32(R_DEV_FEAT);
-    mmio_w32(R_DEV_FEAT_SEL, 1);
-    if (!(mmio_r32(R_DEV_FEAT) & 1)) leave(FAIL_NO_V1);
-    mmio_w32(R_DRV_FEAT_SEL, 0);     /* accept VIRTIO_F_VERSION_1 (bit 32) only */
-    mmio_w32(R_DRV_FEAT, 0);
-    mmio_w32(R_DRV_FEAT_SEL, 1);
-    mmio_w32(R_DRV_FEAT, 1);
-    mmio_w32(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
-    if (!(mmio_r32(R_STATUS) & S_FEATURES_OK)) leave(FAIL_FEATURES);
+    virtio_accept_v1_only();
 
     /* Config space: capacity in 512-byte sectors; size_max/seg_max limit a data
      * descriptor / the data descriptors of one request (§5.2.4). Reading them is
@@ -223,22 +137,10 @@ void main(void)
     u32 per_req = nseg + 2;            /* header, data segments, status */
 
     /* Queue 0 (§4.2.3.2) */
-    mmio_w32(R_QUEUE_SEL, 0);
-    if (mmio_r32(R_QUEUE_READY)) leave(FAIL_QUEUE);
-    u32 qsize = mmio_r32(R_QUEUE_NUM_MAX);
-    if (!qsize) leave(FAIL_QUEUE);
-    if (qsize > MAX_QSIZE) qsize = MAX_QSIZE;
+    u32 qsize = vq_select(0, MAX_QSIZE);
     if ((u64)QD * per_req > qsize) leave(FAIL_LAYOUT);
-    mmio_w32(R_QUEUE_NUM, qsize);
-    mmio_w32(R_DESC_LO, (u32)(u64)desc);
-    mmio_w32(R_DESC_HI, 0);
-    mmio_w32(R_DRIVER_LO, (u32)(u64)avail);
-    mmio_w32(R_DRIVER_HI, 0);
-    mmio_w32(R_DEVICE_LO, (u32)(u64)used);
-    mmio_w32(R_DEVICE_HI, 0);
-    avail[0] = AVAIL_F_NO_INTERRUPT;   /* we poll (§2.7.7) */
-    mmio_w32(R_QUEUE_READY, 1);
-    mmio_w32(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+    vq_enable(qsize, RING_BASE);
+    virtio_driver_ok();
 
     /* The workload */
     u64 blocks = capacity / (BS / 512);
@@ -288,9 +190,7 @@ void main(void)
             volatile u64 *p = (volatile u64 *)(BUF_BASE + (u64)s * BS);
             for (u64 i = 0; i < BS / 8; i++) p[i] = pattern(sector * 512 + i * 8);
         }
-        avail[2 + avail_idx % qsize] = (u16)(s * per_req);
-        barrier();
-        avail[1] = ++avail_idx;
+        vq_push(avail, &avail_idx, qsize, (u16)(s * per_req));
     }
     mmio_w32(R_QUEUE_NOTIFY, 0);
 
@@ -325,9 +225,7 @@ void main(void)
                     volatile u64 *p = (volatile u64 *)(BUF_BASE + (u64)s * BS);
                     for (u64 i = 0; i < BS / 8; i++) p[i] = pattern(sector * 512 + i * 8);
                 }
-                avail[2 + avail_idx % qsize] = (u16)(s * per_req);
-                barrier();
-                avail[1] = ++avail_idx;
+                vq_push(avail, &avail_idx, qsize, (u16)(s * per_req));
                 issued++;
                 submitted = 1;
             }
@@ -349,11 +247,4 @@ void main(void)
     leave(0);
 }
 
-/* Entry: the VMM starts us in long mode with RSP = 0x8ff0 and interrupts off. */
-__asm__(".section .text.start\n"
-        ".globl _start\n"
-        "_start:\n"
-        "    and $-16, %rsp\n"
-        "    call main\n"
-        "1:  hlt\n"
-        "    jmp 1b\n");
+TINY_C_ENTRY

@@ -22,10 +22,7 @@
  * descriptor; 22 the used idx moved by more than one; 30 timed out (never used).
  */
 
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long u64;
+#include "virtio_mmio.h"
 
 #ifndef SECTOR
 #define SECTOR 8
@@ -38,63 +35,21 @@ typedef unsigned long u64;
 #endif
 
 /* Guest-physical memory this guest uses (identity-mapped; RAM is zero at start). */
-#define VIRTIO_BASE 0xd0000000UL
 #define RING_BASE   0x00800000UL   /* desc table, avail ring, used ring: 64 KiB each */
 #define HDR_BASE    0x00830000UL   /* 16-byte request header, status byte at +16 */
 #define BUF_BASE    0x01000000UL   /* LEN bytes of data */
 #define QSIZE       16
 
-/* virtio-mmio registers (§4.2.2) */
-#define R_MAGIC        0x000
-#define R_VERSION      0x004
-#define R_DEVICE_ID    0x008
-#define R_DEV_FEAT     0x010
-#define R_DEV_FEAT_SEL 0x014
-#define R_DRV_FEAT     0x020
-#define R_DRV_FEAT_SEL 0x024
-#define R_QUEUE_SEL    0x030
-#define R_QUEUE_NUM_MAX 0x034
-#define R_QUEUE_NUM    0x038
-#define R_QUEUE_READY  0x044
-#define R_STATUS       0x070
-#define R_DESC_LO      0x080
-#define R_DESC_HI      0x084
-#define R_DRIVER_LO    0x090
-#define R_DRIVER_HI    0x094
-#define R_DEVICE_LO    0x0a0
-#define R_DEVICE_HI    0x0a4
-
-#define S_ACKNOWLEDGE 1
-#define S_DRIVER      2
-#define S_DRIVER_OK   4
-#define S_FEATURES_OK 8
-
-#define DESC_F_NEXT  1
-#define DESC_F_WRITE 2
-#define AVAIL_F_NO_INTERRUPT 1
 #define T_OUT 1                    /* VIRTIO_BLK_T_OUT (§5.2.6) */
 #define BLK_S_OK 0                 /* VIRTIO_BLK_S_OK */
 
-#define FAIL_MAGIC     10
-#define FAIL_VERSION   11
-#define FAIL_DEVICE_ID 12
-#define FAIL_NO_V1     13
-#define FAIL_FEATURES  14
-#define FAIL_QUEUE     15
+/* Failure codes (debug-exit status; 10-15 set-up: virtio_mmio.h) */
 #define FAIL_STATUS    20
 #define FAIL_ID        21
 #define FAIL_USED_IDX  22
 #define FAIL_TIMEOUT   30
 
-struct desc { u64 addr; u32 len; u16 flags; u16 next; };
 struct blk_hdr { u32 type; u32 reserved; u64 sector; };
-
-#define barrier() __asm__ volatile("" ::: "memory")
-
-static inline u32 mmio_r32(u64 off) { return *(volatile u32 *)(VIRTIO_BASE + off); }
-static inline void mmio_w32(u64 off, u32 v) { *(volatile u32 *)(VIRTIO_BASE + off) = v; }
-static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }
-static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 
 static inline u64 rdtsc(void)
 {
@@ -103,66 +58,25 @@ static inline u64 rdtsc(void)
     return (u64)hi << 32 | lo;
 }
 
-static __attribute__((noreturn)) void leave(u8 code)
-{
-    for (;;) {
-        outb(0xf4, code);
-        __asm__ volatile("hlt");
-    }
-}
-
-static void puts_(const char *s)
-{
-    for (; *s; s++) {
-        while (!(inb(0x3fd) & 0x20))
-            ;
-        outb(0x3f8, (u8)*s);
-    }
-}
-
 /* The 8 bytes at disk byte offset `off` (blkbench.c's pattern; the test recomputes it). */
 static inline u64 pattern(u64 off) { return (off * 0x9e3779b97f4a7c15UL) ^ 0x5ca1ab1e00000000UL; }
 
 void main(void)
 {
     volatile struct desc *desc = (volatile struct desc *)RING_BASE;
-    volatile u16 *avail = (volatile u16 *)(RING_BASE + 0x10000);     /* flags, idx, ring[] */
-    volatile u16 *used = (volatile u16 *)(RING_BASE + 0x20000);      /* flags, idx, then elems */
-    volatile u32 *used_elem = (volatile u32 *)(RING_BASE + 0x20004); /* {id, len} pairs */
+    volatile u16 *avail = (volatile u16 *)(RING_BASE + VQ_AVAIL_OFF);
+    volatile u16 *used = (volatile u16 *)(RING_BASE + VQ_USED_OFF);
+    volatile u32 *used_elem = (volatile u32 *)(RING_BASE + VQ_USED_OFF + 4);
     volatile struct blk_hdr *hdr = (volatile struct blk_hdr *)HDR_BASE;
     volatile u8 *status = (volatile u8 *)(HDR_BASE + 16);
     volatile u64 *buf = (volatile u64 *)BUF_BASE;
 
-    /* §3.1.1 device initialisation, VIRTIO_F_VERSION_1 only */
-    if (mmio_r32(R_MAGIC) != 0x74726976) leave(FAIL_MAGIC);
-    if (mmio_r32(R_VERSION) != 2) leave(FAIL_VERSION);
-    if (mmio_r32(R_DEVICE_ID) != 2) leave(FAIL_DEVICE_ID);
-    mmio_w32(R_STATUS, 0);
-    mmio_w32(R_STATUS, S_ACKNOWLEDGE);
-    mmio_w32(R_STATUS, S_ACKNOWLEDGE | S_DRIVER);
-    mmio_w32(R_DEV_FEAT_SEL, 1);
-    if (!(mmio_r32(R_DEV_FEAT) & 1)) leave(FAIL_NO_V1);
-    mmio_w32(R_DRV_FEAT_SEL, 0);
-    mmio_w32(R_DRV_FEAT, 0);
-    mmio_w32(R_DRV_FEAT_SEL, 1);
-    mmio_w32(R_DRV_FEAT, 1);
-    mmio_w32(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
-    if (!(mmio_r32(R_STATUS) & S_FEATURES_OK)) leave(FAIL_FEATURES);
-
-    /* Queue 0 (§4.2.3.2), polled: no interrupts (§2.7.7) */
-    mmio_w32(R_QUEUE_SEL, 0);
-    if (mmio_r32(R_QUEUE_READY)) leave(FAIL_QUEUE);
-    if (mmio_r32(R_QUEUE_NUM_MAX) < QSIZE) leave(FAIL_QUEUE);
-    mmio_w32(R_QUEUE_NUM, QSIZE);
-    mmio_w32(R_DESC_LO, (u32)(u64)desc);
-    mmio_w32(R_DESC_HI, 0);
-    mmio_w32(R_DRIVER_LO, (u32)(u64)avail);
-    mmio_w32(R_DRIVER_HI, 0);
-    mmio_w32(R_DEVICE_LO, (u32)(u64)used);
-    mmio_w32(R_DEVICE_HI, 0);
-    avail[0] = AVAIL_F_NO_INTERRUPT;
-    mmio_w32(R_QUEUE_READY, 1);
-    mmio_w32(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+    /* §3.1.1 device initialisation, VIRTIO_F_VERSION_1 only; queue 0 (§4.2.3.2) */
+    virtio_begin(2);
+    virtio_accept_v1_only();
+    if (vq_select(0, QSIZE) < QSIZE) leave(FAIL_QUEUE);
+    vq_enable(QSIZE, RING_BASE);
+    virtio_driver_ok();
 
     /* One write request: header, data, status (§5.2.6) in descriptors 0, 1, 2. */
     hdr->type = T_OUT;
@@ -209,11 +123,4 @@ void main(void)
     leave(0);
 }
 
-/* Entry: the VMM starts us in long mode with RSP = 0x8ff0 and interrupts off. */
-__asm__(".section .text.start\n"
-        ".globl _start\n"
-        "_start:\n"
-        "    and $-16, %rsp\n"
-        "    call main\n"
-        "1:  hlt\n"
-        "    jmp 1b\n");
+TINY_C_ENTRY

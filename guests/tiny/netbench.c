@@ -20,10 +20,7 @@
  * 0 ok; 1x setup failed; 2x a bad completion.
  */
 
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long u64;
+#include "virtio_mmio.h"
 
 #ifndef MODE
 #define MODE 0
@@ -46,103 +43,24 @@ typedef unsigned long u64;
 #define SLOT ((BUFSZ + 4095) & ~4095UL)
 #define END_SEQ 0xffffffffu
 
-#define VIRTIO_BASE 0xd0000000UL
 #define RX_RING 0x00800000UL   /* desc, avail, used: 64 KiB each */
 #define TX_RING 0x00840000UL
 #define RX_BUF  0x01000000UL
 #define TX_BUF  0x02000000UL
 #define MAX_QSIZE 256
 
-#define R_MAGIC        0x000
-#define R_VERSION      0x004
-#define R_DEVICE_ID    0x008
-#define R_DEV_FEAT     0x010
-#define R_DEV_FEAT_SEL 0x014
-#define R_DRV_FEAT     0x020
-#define R_DRV_FEAT_SEL 0x024
-#define R_QUEUE_SEL    0x030
-#define R_QUEUE_NUM_MAX 0x034
-#define R_QUEUE_NUM    0x038
-#define R_QUEUE_READY  0x044
-#define R_QUEUE_NOTIFY 0x050
-#define R_STATUS       0x070
-#define R_DESC_LO      0x080
-#define R_DESC_HI      0x084
-#define R_DRIVER_LO    0x090
-#define R_DRIVER_HI    0x094
-#define R_DEVICE_LO    0x0a0
-#define R_DEVICE_HI    0x0a4
-
-#define S_ACKNOWLEDGE 1
-#define S_DRIVER      2
-#define S_DRIVER_OK   4
-#define S_FEATURES_OK 8
-
-#define DESC_F_WRITE 2
-#define AVAIL_F_NO_INTERRUPT 1
-
-#define FAIL_MAGIC     10
-#define FAIL_DEVICE_ID 12
-#define FAIL_NO_V1     13
-#define FAIL_FEATURES  14
-#define FAIL_QUEUE     15
+/* Failure codes (debug-exit status; 10-15 set-up: virtio_mmio.h) */
 #define FAIL_LAYOUT    16
 #define FAIL_LEN       21   /* an rx completion with the wrong used length */
 #define FAIL_ID        22   /* a used element names no slot */
 #define FAIL_SEQ       23   /* frames received out of order */
 
-struct desc { u64 addr; u32 len; u16 flags; u16 next; };
-
-#define barrier() __asm__ volatile("" ::: "memory")
-
-static inline u32 mmio_r32(u64 off) { return *(volatile u32 *)(VIRTIO_BASE + off); }
-static inline void mmio_w32(u64 off, u32 v) { *(volatile u32 *)(VIRTIO_BASE + off) = v; }
-static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }
-static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
-
-static __attribute__((noreturn)) void leave(u8 code)
-{
-    for (;;) {
-        outb(0xf4, code);
-        __asm__ volatile("hlt");
-    }
-}
-
-static void putc_(char c)
-{
-    while (!(inb(0x3fd) & 0x20))
-        ;
-    outb(0x3f8, (u8)c);
-}
-
-static void puts_(const char *s) { while (*s) putc_(*s++); }
-
-static void putdec(u64 v)
-{
-    char b[24];
-    int i = 0;
-    do { b[i++] = (char)('0' + v % 10); v /= 10; } while (v);
-    while (i) putc_(b[--i]);
-}
-
 /* Queue setup (§4.2.3.2); returns its size. */
 static u32 setup_queue(u32 index, u64 ring)
 {
-    mmio_w32(R_QUEUE_SEL, index);
-    if (mmio_r32(R_QUEUE_READY)) leave(FAIL_QUEUE);
-    u32 qsize = mmio_r32(R_QUEUE_NUM_MAX);
-    if (!qsize) leave(FAIL_QUEUE);
-    if (qsize > MAX_QSIZE) qsize = MAX_QSIZE;
+    u32 qsize = vq_select(index, MAX_QSIZE);
     if (QD > qsize) leave(FAIL_LAYOUT);
-    mmio_w32(R_QUEUE_NUM, qsize);
-    mmio_w32(R_DESC_LO, (u32)ring);
-    mmio_w32(R_DESC_HI, 0);
-    mmio_w32(R_DRIVER_LO, (u32)(ring + 0x10000));
-    mmio_w32(R_DRIVER_HI, 0);
-    mmio_w32(R_DEVICE_LO, (u32)(ring + 0x20000));
-    mmio_w32(R_DEVICE_HI, 0);
-    *(volatile u16 *)(ring + 0x10000) = AVAIL_F_NO_INTERRUPT;   /* we poll (§2.7.7) */
-    mmio_w32(R_QUEUE_READY, 1);
+    vq_enable(qsize, ring);
     return qsize;
 }
 
@@ -152,26 +70,15 @@ void main(void)
     u64 ring = MODE == 0 ? TX_RING : RX_RING;
     u64 bufs = MODE == 0 ? TX_BUF : RX_BUF;
     volatile struct desc *desc = (volatile struct desc *)ring;
-    volatile u16 *avail = (volatile u16 *)(ring + 0x10000);
-    volatile u16 *used = (volatile u16 *)(ring + 0x20000);
-    volatile u32 *used_elem = (volatile u32 *)(ring + 0x20004);
+    volatile u16 *avail = (volatile u16 *)(ring + VQ_AVAIL_OFF);
+    volatile u16 *used = (volatile u16 *)(ring + VQ_USED_OFF);
+    volatile u32 *used_elem = (volatile u32 *)(ring + VQ_USED_OFF + 4);
 
     /* §3.1.1 device initialisation */
-    if (mmio_r32(R_MAGIC) != 0x74726976 || mmio_r32(R_VERSION) != 2) leave(FAIL_MAGIC);
-    if (mmio_r32(R_DEVICE_ID) != 1) leave(FAIL_DEVICE_ID);
-    mmio_w32(R_STATUS, 0);
-    mmio_w32(R_STATUS, S_ACKNOWLEDGE);
-    mmio_w32(R_STATUS, S_ACKNOWLEDGE | S_DRIVER);
-    mmio_w32(R_DEV_FEAT_SEL, 1);
-    if (!(mmio_r32(R_DEV_FEAT) & 1)) leave(FAIL_NO_V1);
-    mmio_w32(R_DRV_FEAT_SEL, 0);     /* accept VIRTIO_F_VERSION_1 (bit 32) only */
-    mmio_w32(R_DRV_FEAT, 0);
-    mmio_w32(R_DRV_FEAT_SEL, 1);
-    mmio_w32(R_DRV_FEAT, 1);
-    mmio_w32(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
-    if (!(mmio_r32(R_STATUS) & S_FEATURES_OK)) leave(FAIL_FEATURES);
+    virtio_begin(1);
+    virtio_accept_v1_only();
     u32 qsize = setup_queue(MODE == 0 ? 1 : 0, ring);
-    mmio_w32(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+    virtio_driver_ok();
     u32 q = MODE == 0 ? 1 : 0;
 
     /* Every slot: one descriptor over its whole buffer; tx frames built once. */
@@ -199,9 +106,7 @@ void main(void)
         *stamp = 1;
         for (u32 s = 0; s < QD && issued < COUNT; s++) {
             *(volatile u32 *)(bufs + (u64)s * SLOT + HDR + 14) = (u32)issued++;
-            avail[2 + avail_idx % qsize] = (u16)s;
-            barrier();
-            avail[1] = ++avail_idx;
+            vq_push(avail, &avail_idx, qsize, (u16)s);
         }
         mmio_w32(R_QUEUE_NOTIFY, q);
         while (done < COUNT) {
@@ -218,9 +123,7 @@ void main(void)
                 bytes += FRAME;
                 if (issued < COUNT) {
                     *(volatile u32 *)(bufs + (u64)s * SLOT + HDR + 14) = (u32)issued++;
-                    avail[2 + avail_idx % qsize] = (u16)s;
-                    barrier();
-                    avail[1] = ++avail_idx;
+                    vq_push(avail, &avail_idx, qsize, (u16)s);
                     submitted = 1;
                 }
             }
@@ -230,9 +133,7 @@ void main(void)
         *stamp = 2;
     } else {
         for (u32 s = 0; s < QD; s++) {
-            avail[2 + avail_idx % qsize] = (u16)s;
-            barrier();
-            avail[1] = ++avail_idx;
+            vq_push(avail, &avail_idx, qsize, (u16)s);
         }
         mmio_w32(R_QUEUE_NOTIFY, q);
         for (;;) {
@@ -257,9 +158,7 @@ void main(void)
                     done++;
                     bytes += FRAME;
                 }
-                avail[2 + avail_idx % qsize] = (u16)s;
-                barrier();
-                avail[1] = ++avail_idx;
+                vq_push(avail, &avail_idx, qsize, (u16)s);
             }
             if (end)
                 break;
@@ -278,11 +177,4 @@ void main(void)
     leave(0);
 }
 
-/* Entry: the VMM starts us in long mode with RSP = 0x8ff0 and interrupts off. */
-__asm__(".section .text.start\n"
-        ".globl _start\n"
-        "_start:\n"
-        "    and $-16, %rsp\n"
-        "    call main\n"
-        "1:  hlt\n"
-        "    jmp 1b\n");
+TINY_C_ENTRY

@@ -31,6 +31,7 @@ REQUIRED = [
     "vmm/guests/agent/agent.c",
     "vmm/guests/tiny/hello.S",
     "vmm/guests/tiny/tiny.h",
+    "vmm/guests/tiny/virtio_mmio.h",
     "vmm/guests/tiny/link.ld",
     "vmm/guests/tiny/blkbench.c",
     "vmm/guests/probes/avxstate.c",
