@@ -19,6 +19,7 @@ import threading
 import pytest
 
 from tests.conftest import requires_kvm
+from tests.vmm.test_snapshot import restore_and_run
 from vmm.config import DiskConfig, ExitReason, MachineConfig
 from vmm.machine import Machine
 from vmm.snapshot import persist
@@ -78,14 +79,6 @@ def boot_and_snapshot(tiny, disk, directory, loop, timeout_tsc=None):
             seen.set()
             t.join()
     return result, bytes(out), infos
-
-
-def restore_and_run(directory, loop):
-    out = bytearray()
-    snap, config = persist.load(str(directory), console=out.extend, loop=loop)
-    with Machine(config, snapshot=snap) as m:
-        result = m.run(timeout=60)
-    return result, bytes(out)
 
 
 @pytest.mark.parametrize("loop", ["shim", "python"])

@@ -16,6 +16,7 @@ import threading
 import pytest
 
 from tests.conftest import requires_kvm
+from tests.vmm.test_snapshot import restore_and_run
 from vmm.config import ExitReason, MachineConfig
 from vmm.machine import Machine
 from vmm.snapshot import persist
@@ -37,6 +38,22 @@ def progress(out: bytes) -> dict[int, list[int]]:
     return got
 
 
+def run_saving_when(cfg, seen, directory):
+    """Run a VM of ``cfg``; once ``seen`` is set, save it to ``directory`` and end it."""
+    with Machine(cfg) as m:
+        def saver():
+            if seen.wait(60):
+                m.snapshot(str(directory), end=True)
+
+        t = threading.Thread(target=saver)
+        t.start()
+        try:
+            return m.run(timeout=60)
+        finally:
+            seen.set()
+            t.join()
+
+
 def boot_and_snapshot(tiny, directory, cpus, loop):
     out = bytearray()
     seen = threading.Event()
@@ -51,27 +68,7 @@ def boot_and_snapshot(tiny, directory, cpus, loop):
 
     cfg = MachineConfig(kernel=tiny("smp", {"CPUS": cpus, "ROUNDS": ROUNDS, "STEP": STEP}),
                         mem_size=64 << 20, cpus=cpus, loop=loop, console=console)
-    with Machine(cfg) as m:
-        def saver():
-            if seen.wait(60):
-                m.snapshot(str(directory), end=True)
-
-        t = threading.Thread(target=saver)
-        t.start()
-        try:
-            result = m.run(timeout=60)
-        finally:
-            seen.set()
-            t.join()
-    return result, bytes(out)
-
-
-def restore_and_run(directory, loop):
-    out = bytearray()
-    snap, config = persist.load(str(directory), console=out.extend, loop=loop)
-    with Machine(config, snapshot=snap) as m:
-        result = m.run(timeout=60)
-    return result, bytes(out)
+    return run_saving_when(cfg, seen, directory), bytes(out)
 
 
 @pytest.mark.parametrize("loop", ["shim", "python"])
@@ -117,18 +114,7 @@ def test_aps_not_started_at_snapshot_start_after_restore(tiny, tmp_path, cpus, l
     kernel = tiny("smp", {"CPUS": cpus, "ROUNDS": 3, "STEP": STEP, "WAIT_INPUT": 1})
     cfg = MachineConfig(kernel=kernel, mem_size=64 << 20, cpus=cpus, loop=loop,
                         console=console)
-    with Machine(cfg) as m:
-        def saver():
-            if seen.wait(60):
-                m.snapshot(str(snap_dir), end=True)
-
-        t = threading.Thread(target=saver)
-        t.start()
-        try:
-            result = m.run(timeout=60)
-        finally:
-            seen.set()
-            t.join()
+    result = run_saving_when(cfg, seen, snap_dir)
     assert (result.reason, result.status) == (ExitReason.SNAPSHOTTED, 0), (result, out)
     assert bytes(out) == b"cpu 0 up\n"
 
